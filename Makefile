@@ -1,0 +1,30 @@
+# Two entry points do all the set-up: `make sweep` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SWEEP_ARGS ?= --ratios 1,5,10
+
+.PHONY: sweep test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+sweep: $(STAMP)
+	$(BIN)/python experiments/fold_sweep.py $(SWEEP_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python experiments/benchmark_core.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check platform kernels experiments tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

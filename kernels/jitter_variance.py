@@ -1,0 +1,45 @@
+"""Box jittering and its localisation reliability (paper Eq. 7-9)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+VarianceNorm = Literal["paper", "original"]
+
+
+def jitter_boxes(
+    boxes: Tensor, n_jitter: int, scale: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """``jitter(b)`` of Eq. 7: ``(n_jitter, N, 4)`` copies of ``(N, 4)`` xyxy boxes, each
+    coordinate moved by a normal offset with std ``scale`` times the box width (x) or height (y).
+    """
+    widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0)
+    heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
+    spread = torch.stack([widths, heights, widths, heights], dim=1) * scale
+    noise = torch.randn(
+        (n_jitter, *boxes.shape), generator=generator, dtype=boxes.dtype, device=boxes.device
+    )
+    return boxes.unsqueeze(0) + noise * spread.unsqueeze(0)
+
+
+def box_jitter_variance(refined: Tensor, boxes: Tensor, norm: VarianceNorm = "paper") -> Tensor:
+    """Mean normalised std of the refined jittered boxes, ``sigma_bar`` of Eq. 8-9.
+
+    ``refined`` is ``(n_jitter, N, 4)``, ``boxes`` the ``(N, 4)`` candidates. Eq. 9 divides
+    every coordinate's std (unbiased, over the jitters) by ``0.5 * (h + w)`` of the candidate
+    (``norm="paper"``); the authors' code divides x-stds by ``w`` and y-stds by ``h``
+    (``norm="original"``). A small value means a reliable box for the regression loss.
+    """
+    if refined.shape[0] < 2:
+        raise ValueError("box_jitter_variance needs at least 2 jittered copies (n_jitter >= 2)")
+    sigma = refined.std(dim=0)
+    widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-6)
+    heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-6)
+    if norm == "paper":
+        scale = (0.5 * (heights + widths)).unsqueeze(1).expand(-1, 4)
+    else:
+        scale = torch.stack([widths, heights, widths, heights], dim=1)
+    return (sigma / scale).mean(dim=1)

@@ -1,0 +1,86 @@
+"""The STAC protocol's inputs for one run: a fold's labeled, unlabeled and val files.
+
+Either the embedded synthetic set (generated once, cached by its config) or a real COCO
+layout (``train2017/``, ``val2017/``, ``annotations/``); the folds are made here in both cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from softteacher.config import SyntheticConfig
+from softteacher.data.coco import CocoDataset, check_same_categories, load_coco
+from softteacher.data.folds import write_folds
+from softteacher.data.synthetic import ensure_synthetic_coco
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A COCO root that lacks the files the protocol needs."""
+
+
+@dataclass(frozen=True)
+class FoldData:
+    """The files of one (percent, fold): what a trial needs to find its data on any node."""
+
+    percent: float
+    fold: int
+    labeled_ann: Path
+    unlabeled_ann: Path
+    val_ann: Path
+    train_images: Path
+    val_images: Path
+
+    def load(self) -> tuple[CocoDataset, CocoDataset, CocoDataset]:
+        """Labeled, unlabeled and val sets, validated; the class lists must agree."""
+        labeled = load_coco(self.labeled_ann, self.train_images)
+        unlabeled = load_coco(self.unlabeled_ann, self.train_images)
+        val = load_coco(self.val_ann, self.val_images)
+        check_same_categories(labeled, unlabeled)
+        check_same_categories(labeled, val)
+        return labeled, unlabeled, val
+
+
+def synthetic_folds(
+    data_root: Path, cfg: SyntheticConfig, percents: Iterable[float], folds: Iterable[int]
+) -> list[FoldData]:
+    """The embedded default: the synthetic set for ``cfg`` (reused when it exists) and its folds."""
+    key = hashlib.sha256(
+        json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
+    ).hexdigest()[:10]
+    dataset = ensure_synthetic_coco(Path(data_root) / f"synthetic-{key}", cfg)
+    files = write_folds(dataset.train_ann, dataset.root / "folds", percents, folds)
+    return [
+        FoldData(
+            f.percent, f.fold, f.labeled, f.unlabeled,
+            dataset.val_ann, dataset.train_images, dataset.val_images,
+        )
+        for f in files
+    ]
+
+
+def coco_folds(
+    coco_root: Path, fold_dir: Path, percents: Iterable[float], folds: Iterable[int]
+) -> list[FoldData]:
+    """Folds of a real COCO 2017 layout, written under ``fold_dir``."""
+    root = Path(coco_root)
+    train_ann = root / "annotations" / "instances_train2017.json"
+    val_ann = root / "annotations" / "instances_val2017.json"
+    for path in (train_ann, val_ann, root / "train2017", root / "val2017"):
+        if not path.exists():
+            raise DatasetLayoutError(
+                f"{path} not found; --coco-root must hold train2017/, val2017/ and "
+                "annotations/instances_{train,val}2017.json (the official COCO 2017 layout)"
+            )
+    files = write_folds(train_ann, Path(fold_dir), percents, folds)
+    return [
+        FoldData(
+            f.percent, f.fold, f.labeled, f.unlabeled,
+            val_ann, root / "train2017", root / "val2017",
+        )
+        for f in files
+    ]

@@ -1,0 +1,136 @@
+"""The student's losses: supervised on labeled images, pseudo-labeled on strong views.
+
+One module and one forward for all of them, so that DistributedDataParallel sees every
+gradient of a step in one call. The teacher is not part of it: it is passed in as the
+pseudo targets it produced and a function that scores boxes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.ops import box_iou
+
+from softteacher.config import MethodConfig
+from softteacher.kernels import background_reliability, reliability_weighted_ce
+from softteacher.model.detector import box_head_outputs
+from softteacher.model.pseudo_labels import PseudoTargets
+
+BoxScorer = Callable[[list[Tensor]], Tensor]
+
+SUPERVISED_LOSSES = ("sup_rpn_objectness", "sup_rpn_box", "sup_cls", "sup_reg")
+UNSUPERVISED_LOSSES = ("unsup_rpn_objectness", "unsup_rpn_box", "unsup_cls", "unsup_reg")
+
+
+class StudentLosses(nn.Module):
+    """The student detector and the loss of Eq. 1-3 and 10-11, its parts kept apart.
+
+    Torchvision's losses are means over the sampled anchors and RoIs of all images, which
+    stands in for the per-image normalisation of Eq. 2-3 (every image samples the same number).
+    """
+
+    def __init__(self, detector: FasterRCNN, cfg: MethodConfig) -> None:
+        super().__init__()
+        self.detector = detector
+        self.cfg = cfg
+
+    def forward(
+        self,
+        labeled_images: list[Tensor],
+        labeled_targets: list[dict[str, Tensor]],
+        strong_images: list[Tensor] | None = None,
+        pseudo: PseudoTargets | None = None,
+        teacher_bg: BoxScorer | None = None,
+    ) -> dict[str, Tensor]:
+        images = labeled_images + (strong_images or [])
+        image_list, _ = self.detector.transform(images)
+        features = self.detector.backbone(image_list.tensors)
+        n_labeled = len(labeled_images)
+        losses = self._supervised(*_split(image_list, features, 0, n_labeled), labeled_targets)
+        if strong_images:
+            if pseudo is None:
+                raise ValueError("strong views given without pseudo targets")
+            unlabeled = _split(image_list, features, n_labeled, len(images))
+            losses.update(self._unsupervised(*unlabeled, pseudo, teacher_bg))
+        return losses
+
+    def _supervised(
+        self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """L_s of Eq. 2: the standard Faster R-CNN losses on ground truth."""
+        proposals, rpn = self.detector.rpn(images, features, targets)
+        _, roi = self.detector.roi_heads(features, proposals, images.image_sizes, targets)
+        return {
+            "sup_rpn_objectness": rpn["loss_objectness"],
+            "sup_rpn_box": rpn["loss_rpn_box_reg"],
+            "sup_cls": roi["loss_classifier"],
+            "sup_reg": roi["loss_box_reg"],
+        }
+
+    def _unsupervised(
+        self,
+        images: ImageList,
+        features: dict[str, Tensor],
+        pseudo: PseudoTargets,
+        teacher_bg: BoxScorer | None,
+    ) -> dict[str, Tensor]:
+        """L_u of Eq. 11: RPN on ``rpn`` boxes, soft-weighted classification (Eq. 4-5) on
+        ``cls`` boxes, and regression (Eq. 10) on the jitter-reliable ``reg`` boxes."""
+        proposals, rpn = self.detector.rpn(images, features, pseudo.rpn)
+        losses = {
+            "unsup_rpn_objectness": rpn["loss_objectness"],
+            "unsup_rpn_box": rpn["loss_rpn_box_reg"],
+        }
+        heads = self.detector.roi_heads
+        boxes, _, labels, targets = heads.select_training_samples(proposals, pseudo.cls)
+        logits, deltas = box_head_outputs(self.detector, features, boxes, images.image_sizes)
+        labels_flat = torch.cat(labels)
+        reliability = self._reliability(logits, boxes, pseudo, teacher_bg)
+        losses["unsup_cls"] = reliability_weighted_ce(
+            logits, labels_flat, reliability, self.cfg.soft_weight_norm
+        )
+        if pseudo.reg is not pseudo.cls:
+            boxes, _, labels, targets = heads.select_training_samples(proposals, pseudo.reg)
+            logits, deltas = box_head_outputs(self.detector, features, boxes, images.image_sizes)
+        losses["unsup_reg"] = fastrcnn_loss(logits, deltas, labels, targets)[1]
+        return losses
+
+    def _reliability(
+        self,
+        logits: Tensor,
+        boxes: list[Tensor],
+        pseudo: PseudoTargets,
+        teacher_bg: BoxScorer | None,
+    ) -> Tensor:
+        """``r`` of every sampled box under the configured indicator (Sec. 3.2)."""
+        indicator = self.cfg.effective_indicator
+        student_bg = logits.detach().softmax(dim=-1)[:, 0]
+        if indicator in ("bg_teacher", "pred_diff"):
+            if teacher_bg is None:
+                raise ValueError(f"indicator {indicator!r} needs the teacher's box scorer")
+            teacher = teacher_bg(boxes)
+        else:
+            teacher = torch.zeros_like(student_bg)
+        max_iou = torch.cat([_max_iou(b, t["boxes"]) for b, t in zip(boxes, pseudo.cls)])
+        return background_reliability(
+            indicator, teacher_bg=teacher, student_bg=student_bg, max_iou=max_iou
+        )
+
+
+def _max_iou(boxes: Tensor, pseudo_boxes: Tensor) -> Tensor:
+    if len(pseudo_boxes) == 0:
+        return boxes.new_zeros(len(boxes))
+    return box_iou(boxes, pseudo_boxes).max(dim=1).values
+
+
+def _split(
+    images: ImageList, features: dict[str, Tensor], start: int, stop: int
+) -> tuple[ImageList, dict[str, Tensor]]:
+    """The images ``start:stop`` of a batch that went through the backbone together."""
+    part = ImageList(images.tensors[start:stop], images.image_sizes[start:stop])
+    return part, {name: f[start:stop] for name, f in features.items()}

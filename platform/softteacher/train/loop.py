@@ -1,0 +1,62 @@
+"""The training loop's cadence: step, log, evaluate, checkpoint. The caller owns the I/O."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from softteacher.data.collate import DetectionBatch, UnlabeledBatch
+from softteacher.train.trainer import SoftTeacherTrainer
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class LoopHooks:
+    """Where the loop's results go: a print, MLflow, or ``ray.train.report``."""
+
+    log: Callable[[int, Metrics], None]
+    evaluate: Callable[[SoftTeacherTrainer], Metrics]
+    checkpoint: Callable[[SoftTeacherTrainer, Metrics], None]
+
+
+def fit(
+    trainer: SoftTeacherTrainer,
+    labeled_batches: Iterator[DetectionBatch],
+    unlabeled_batches: Iterator[UnlabeledBatch] | None,
+    hooks: LoopHooks,
+) -> Metrics:
+    """Train from the trainer's current step to ``max_steps``; return the final evaluation.
+
+    Logged figures are means over the last ``log_every`` steps, with images/s over that
+    window: data waiting included (the user pays for it), evaluation and checkpoints not.
+    """
+    cfg = trainer.cfg.train
+    window: defaultdict[str, list[float]] = defaultdict(list)
+    window_start, window_images = time.perf_counter(), 0
+    evaluation: Metrics = {}
+    while trainer.step_count < cfg.max_steps:
+        labeled = next(labeled_batches)
+        unlabeled = next(unlabeled_batches) if unlabeled_batches is not None else None
+        for key, value in trainer.step(labeled, unlabeled).items():
+            window[key].append(value)
+        window_images += len(labeled.images) + (len(unlabeled.weak) if unlabeled else 0)
+        step = trainer.step_count
+        last = step == cfg.max_steps
+        if step % cfg.log_every == 0 or last:
+            elapsed = time.perf_counter() - window_start
+            summary = {key: sum(values) / len(values) for key, values in window.items()}
+            summary["images_per_s"] = window_images / max(elapsed, 1e-9)
+            hooks.log(step, summary)
+            window.clear()
+            window_start, window_images = time.perf_counter(), 0
+        paused = time.perf_counter()
+        if step % cfg.eval_every == 0 or last:
+            evaluation = hooks.evaluate(trainer)
+            hooks.log(step, evaluation)
+        if step % cfg.ckpt_every == 0 or last:
+            hooks.checkpoint(trainer, evaluation)
+        window_start += time.perf_counter() - paused  # images/s counts training time only
+    return evaluation

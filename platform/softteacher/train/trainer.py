@@ -1,0 +1,132 @@
+"""One run's student, teacher, optimiser and schedule, and the step that trains them.
+
+Free of Ray: the Ray Train worker and the single-process runner call the same ``step``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from softteacher.config import ExperimentConfig
+from softteacher.data.collate import DetectionBatch, UnlabeledBatch
+from softteacher.model.detector import build_detector
+from softteacher.model.ema import ema_momentum, ema_update, make_teacher
+from softteacher.model.pseudo_labels import (
+    pseudo_targets,
+    teacher_background_prob,
+    teacher_view,
+)
+from softteacher.model.soft_teacher import SUPERVISED_LOSSES, UNSUPERVISED_LOSSES, StudentLosses
+from softteacher.train.optim import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the last checkpoint is intact."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SoftTeacherTrainer:
+    """Holds the state of one run; ``step`` is one iteration of the student / EMA-teacher loop.
+
+    ``wrap_student`` lets the caller wrap the student's loss module (Ray Train's
+    ``prepare_model`` for DDP); the teacher stays a local, unwrapped copy on every worker,
+    updated from the synchronised student.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        device: torch.device,
+        wrap_student: Callable[[nn.Module], nn.Module] = lambda module: module,
+    ) -> None:
+        seed_everything(cfg.train.seed)
+        self.cfg = cfg
+        self.device = device
+        self.student = build_detector(cfg.detector).to(device)
+        self.teacher = make_teacher(self.student)
+        self.losses = wrap_student(StudentLosses(self.student, cfg.method))
+        self.optimizer = build_optimizer(self.student, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.step_count = 0
+
+    def unsup_weight(self, step: int) -> float:
+        """``alpha`` of Eq. 1: zero during burn-in, then ramped linearly to ``unsup_weight``."""
+        method = self.cfg.method
+        if not method.uses_unlabeled or step < method.burn_in_steps:
+            return 0.0
+        if method.unsup_weight_ramp_steps <= 0:
+            return method.unsup_weight
+        progress = (step - method.burn_in_steps + 1) / method.unsup_weight_ramp_steps
+        return method.unsup_weight * min(1.0, progress)
+
+    def step(self, labeled: DetectionBatch, unlabeled: UnlabeledBatch | None) -> dict[str, float]:
+        """One student update and one teacher update; returns the figures worth logging."""
+        self.student.train()
+        step = self.step_count
+        alpha = self.unsup_weight(step)
+        metrics: dict[str, float] = {}
+        if alpha > 0.0 and unlabeled is not None:
+            view = teacher_view(self.teacher, unlabeled.weak, self.cfg.method)
+            pseudo = pseudo_targets(view, unlabeled, self.cfg.method)
+            scorer = partial(teacher_background_prob, self.teacher, view, unlabeled)
+            losses = self.losses(labeled.images, labeled.targets, unlabeled.strong, pseudo, scorer)
+            metrics.update(pseudo.counts_per_image())
+            metrics["pseudo/candidates_per_image"] = sum(map(len, view.boxes)) / len(view.boxes)
+        else:
+            losses = self.losses(labeled.images, labeled.targets)
+        total = sum(losses[k] for k in SUPERVISED_LOSSES) + alpha * sum(
+            (losses[k] for k in UNSUPERVISED_LOSSES if k in losses), torch.zeros(())
+        )
+        self._check_finite(total, losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.optim.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.grad_clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        ema_update(self.teacher, self.student, ema_momentum(step, self.cfg.method))
+        self.step_count += 1
+        metrics.update({f"loss/{k}": float(v.detach()) for k, v in losses.items()})
+        metrics["loss/total"] = float(total.detach())
+        metrics["unsup_weight"] = alpha
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def _check_finite(self, total: Tensor, losses: dict[str, Tensor]) -> None:
+        if torch.isfinite(total):
+            return
+        parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at step {self.step_count} ({parts}); lower optim.lr or raise "
+            "optim.warmup_steps, or set optim.grad_clip_norm; resume from the last checkpoint"
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step_count,
+            "config": self.cfg.to_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])

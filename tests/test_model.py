@@ -1,0 +1,178 @@
+"""The method's pieces on a real slim detector: EMA, views, pseudo targets, one step."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from softteacher.config import MethodConfig, preset
+from softteacher.data.collate import DetectionBatch, UnlabeledBatch
+from softteacher.model.detector import build_detector
+from softteacher.model.ema import ema_momentum, ema_update, make_teacher
+from softteacher.model.pseudo_labels import TeacherView, pseudo_targets
+from softteacher.train.trainer import NonFiniteLossError, SoftTeacherTrainer
+
+SIZE = 64
+
+
+def _smoke(**method_changes):
+    cfg = preset("smoke")
+    return cfg.replace(method=method_changes) if method_changes else cfg
+
+
+def _labeled(value: float, n: int = 1) -> DetectionBatch:
+    return DetectionBatch(
+        images=[torch.full((3, SIZE, SIZE), value) for _ in range(n)],
+        targets=[
+            {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}
+            for _ in range(n)
+        ],
+    )
+
+
+def _unlabeled(weak_value: float, strong_value: float, n: int = 4) -> UnlabeledBatch:
+    eye = torch.eye(3).expand(n, 3, 3).clone()
+    return UnlabeledBatch(
+        weak=[torch.full((3, SIZE, SIZE), weak_value) for _ in range(n)],
+        strong=[torch.full((3, SIZE, SIZE), strong_value) for _ in range(n)],
+        weak_matrices=eye,
+        strong_matrices=eye.clone(),
+        image_ids=list(range(n)),
+    )
+
+
+def test_ema_update_follows_the_formula_and_copies_buffers():
+    student = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+        student[1].running_mean.fill_(5.0)
+    before = [p.clone() for p in teacher.parameters()]
+    ema_update(teacher, student, 0.9)
+    for t, b, s in zip(teacher.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
+    torch.testing.assert_close(teacher[1].running_mean, torch.full((2,), 5.0))
+
+
+def test_teacher_gets_no_gradients():
+    cfg = _smoke(burn_in_steps=0)
+    trainer = SoftTeacherTrainer(cfg, torch.device("cpu"))
+    trainer.step(_labeled(0.5), _unlabeled(0.2, 0.8))
+    assert all(not p.requires_grad and p.grad is None for p in trainer.teacher.parameters())
+    assert not trainer.teacher.training
+    assert any(p.grad is not None for p in trainer.student.parameters())
+
+
+def test_ema_momentum_ramp_and_methods():
+    cfg = MethodConfig(ema_momentum=0.999, burn_in_steps=10)
+    assert ema_momentum(3, cfg) == 0.0  # burn-in: the teacher is the student
+    assert ema_momentum(10, cfg) == 0.0  # the first step after burn-in copies
+    assert ema_momentum(11, cfg) == pytest.approx(0.5)
+    assert ema_momentum(100_000, cfg) == pytest.approx(0.999)
+    assert ema_momentum(100_000, dataclasses.replace(cfg, method="e2e")) == 0.0
+
+
+def test_weak_view_goes_to_teacher_and_strong_view_to_student():
+    trainer = SoftTeacherTrainer(_smoke(burn_in_steps=0), torch.device("cpu"))
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, args[0].detach().clone())
+
+        return hook
+
+    trainer.teacher.backbone.register_forward_hook(record("teacher"))
+    trainer.student.backbone.register_forward_hook(record("student"))
+    trainer.step(_labeled(0.5), _unlabeled(weak_value=0.2, strong_value=0.8))
+
+    def normalised(value):  # what the detector's transform makes of a constant image
+        mean = torch.tensor([0.485, 0.456, 0.406])
+        std = torch.tensor([0.229, 0.224, 0.225])
+        return ((value - mean) / std).view(1, 3, 1, 1)
+
+    teacher_in, student_in = seen["teacher"], seen["student"]
+    assert teacher_in.shape[0] == 4 and student_in.shape[0] == 5
+    torch.testing.assert_close(teacher_in, normalised(0.2).expand_as(teacher_in))
+    torch.testing.assert_close(student_in[:1], normalised(0.5).expand(1, 3, SIZE, SIZE))
+    torch.testing.assert_close(student_in[1:], normalised(0.8).expand(4, 3, SIZE, SIZE))
+
+
+def test_pseudo_targets_split_by_score_and_variance():
+    cfg = MethodConfig(cls_thr=0.9, rpn_thr=0.9, reg_thr=0.02)
+    boxes = torch.tensor([[0, 0, 20, 20], [30, 30, 50, 50], [5, 30, 25, 50.0]])
+    view = TeacherView(
+        features={},
+        image_sizes=[(SIZE, SIZE)],
+        boxes=[boxes],
+        labels=[torch.tensor([1, 2, 3])],
+        scores=[torch.tensor([0.95, 0.6, 0.92])],
+        variances=[torch.tensor([0.01, 0.005, 0.08])],
+    )
+    batch = _unlabeled(0.0, 0.0, n=1)
+    flip = torch.tensor([[-1.0, 0, SIZE], [0, 1, 0], [0, 0, 1]])
+    batch.strong_matrices = flip.unsqueeze(0)
+    targets = pseudo_targets(view, batch, cfg)
+    assert targets.cls[0]["labels"].tolist() == [1, 3]  # scores above cls_thr
+    assert targets.rpn[0]["labels"].tolist() == [1, 1]  # class-agnostic
+    # the regression boxes keep low variance (any score > 0.5) and drop the high one
+    assert targets.reg[0]["labels"].tolist() == [1, 2]
+    # mapped into the (flipped) strong view
+    torch.testing.assert_close(targets.cls[0]["boxes"][0], torch.tensor([44.0, 0, 64, 20]))
+    no_jitter = pseudo_targets(view, batch, dataclasses.replace(cfg, method="soft_teacher"))
+    assert no_jitter.reg is no_jitter.cls
+
+
+@pytest.mark.parametrize("method", ["supervised", "e2e", "e2e_ema", "soft_teacher"])
+def test_every_method_takes_a_finite_step(method):
+    trainer = SoftTeacherTrainer(_smoke(method=method, burn_in_steps=0), torch.device("cpu"))
+    unlabeled = None if method == "supervised" else _unlabeled(0.3, 0.7)
+    metrics = trainer.step(_labeled(0.5, n=5 if method == "supervised" else 1), unlabeled)
+    assert np.isfinite(metrics["loss/total"])
+    assert ("loss/unsup_cls" in metrics) == (method != "supervised")
+    assert trainer.step_count == 1
+
+
+def test_non_finite_loss_is_reported_with_the_step():
+    trainer = SoftTeacherTrainer(_smoke(), torch.device("cpu"))
+    with torch.no_grad():
+        trainer.student.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="step 0"):
+        trainer.step(_labeled(0.5), None)
+
+
+def test_slim_detector_shapes():
+    detector = build_detector(preset("smoke").detector).eval()
+    with torch.no_grad():
+        out = detector([torch.rand(3, 80, 96)])
+    assert set(out[0]) == {"boxes", "labels", "scores"}
+
+
+def _confident_teacher_trainer(**method_changes) -> SoftTeacherTrainer:
+    """A teacher whose ROI head calls everything class 1 with score ~1 and regresses nothing:
+    the refined jittered boxes then spread exactly as the jitter does."""
+    trainer = SoftTeacherTrainer(_smoke(burn_in_steps=0, **method_changes), torch.device("cpu"))
+    predictor = trainer.teacher.roi_heads.box_predictor
+    with torch.no_grad():
+        predictor.cls_score.weight.zero_()
+        predictor.cls_score.bias.zero_()
+        predictor.cls_score.bias[1] = 12.0
+        predictor.bbox_pred.weight.zero_()
+        predictor.bbox_pred.bias.zero_()
+    return trainer
+
+
+def test_jitter_filter_removes_unstable_boxes_in_a_full_step():
+    # jitter std 0.06 of the side -> sigma_bar ~ 0.06: above reg_thr 0.02, below 0.2
+    strict = _confident_teacher_trainer(reg_thr=0.02, n_jitter=10, cls_thr=0.5, rpn_thr=0.5)
+    metrics = strict.step(_labeled(0.5), _unlabeled(0.3, 0.7))
+    assert metrics["pseudo/candidates_per_image"] > 0
+    assert metrics["pseudo/cls_per_image"] > 0
+    assert metrics["pseudo/reg_per_image"] == 0
+    lenient = _confident_teacher_trainer(reg_thr=0.2, n_jitter=10, cls_thr=0.5, rpn_thr=0.5)
+    metrics = lenient.step(_labeled(0.5), _unlabeled(0.3, 0.7))
+    assert metrics["pseudo/reg_per_image"] == pytest.approx(metrics["pseudo/candidates_per_image"])
+    assert np.isfinite(metrics["loss/unsup_reg"])
