@@ -3,13 +3,14 @@ the Ray Train worker runs the same trainer and loop on Ray Data batches."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from softteacher.config import ExperimentConfig
-from softteacher.data.collate import DetectionBatch, UnlabeledBatch, collate_labeled, collate_unlabeled
+from softteacher.data.collate import UnlabeledBatch, collate_labeled, collate_unlabeled
 from softteacher.data.protocol import FoldData
 from softteacher.data.streams import batched, labeled_stream, unlabeled_stream
 from softteacher.eval.models import evaluate_teacher_and_student
@@ -43,11 +44,11 @@ def run_single_process(
     # The data position is the step: a resumed run draws a fresh, reproducible order.
     seed = cfg.train.seed * 1_000_003 + trainer.step_count
     n_labeled, n_unlabeled = cfg.step_batch_sizes()
-    labeled_batches: Iterator[DetectionBatch] = (
+    labeled_batches = (
         collate_labeled(samples, device)
         for samples in batched(labeled_stream(labeled, cfg.augment, seed), n_labeled)
     )
-    unlabeled_batches: Iterator[UnlabeledBatch] | None = None
+    unlabeled_batches: Iterator[UnlabeledBatch | None] = itertools.repeat(None)
     if n_unlabeled:
         unlabeled_batches = (
             collate_unlabeled(samples, device)
@@ -63,4 +64,4 @@ def run_single_process(
         evaluate=lambda t: evaluate_teacher_and_student(t, val, cfg),
         checkpoint=checkpoint,
     )
-    return fit(trainer, labeled_batches, unlabeled_batches, hooks)
+    return fit(trainer, zip(labeled_batches, unlabeled_batches), hooks)

@@ -22,12 +22,10 @@ class LoopHooks:
     checkpoint: Callable[[SoftTeacherTrainer, Metrics], None]
 
 
-def fit(
-    trainer: SoftTeacherTrainer,
-    labeled_batches: Iterator[DetectionBatch],
-    unlabeled_batches: Iterator[UnlabeledBatch] | None,
-    hooks: LoopHooks,
-) -> Metrics:
+StepBatches = Iterator[tuple[DetectionBatch, UnlabeledBatch | None]]
+
+
+def fit(trainer: SoftTeacherTrainer, batches: StepBatches, hooks: LoopHooks) -> Metrics:
     """Train from the trainer's current step to ``max_steps``; return the final evaluation.
 
     Logged figures are means over the last ``log_every`` steps, with images/s over that
@@ -38,8 +36,7 @@ def fit(
     window_start, window_images = time.perf_counter(), 0
     evaluation: Metrics = {}
     while trainer.step_count < cfg.max_steps:
-        labeled = next(labeled_batches)
-        unlabeled = next(unlabeled_batches) if unlabeled_batches is not None else None
+        labeled, unlabeled = next(batches)
         for key, value in trainer.step(labeled, unlabeled).items():
             window[key].append(value)
         window_images += len(labeled.images) + (len(unlabeled.weak) if unlabeled else 0)

@@ -1,0 +1,358 @@
+"""MLflow runs of a sweep: one parent run per sweep, one child run per trial.
+
+Tune trial actors and Train workers log to the same store from several processes, and Ray
+changes their working directory. So nothing here uses MLflow's global active-run state or a
+relative path: every call names its tracking URI and run id (``RunRef``, which pickles to
+any worker), and a local sqlite store keeps its artifacts next to the database.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+_logger = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+# MLflow's limits (mlflow/utils/validation.py); a longer value or a larger batch is refused.
+MAX_PARAM_VALUE_CHARS = 6000
+MAX_KEY_CHARS = 250
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+_CUT_MARK = "...[cut]"
+# Portable key characters: MLflow also takes ':' except on Windows, and '\w' beyond ASCII.
+_KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+_KEY_WORDS = {"%": "pct", "@": "_at_"}
+# Concurrent writers to one sqlite file wait for its lock; past sqlite's own timeout, retry.
+_LOCK_RETRIES = 5
+_LOCK_FIRST_WAIT_S = 0.2
+
+T = TypeVar("T")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used as asked (deleted experiment, unusable run name)."""
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Everything a process needs to log to one run, without MLflow's active-run state."""
+
+    tracking_uri: str
+    run_id: str
+    experiment_id: str
+
+
+def default_tracking_uri(results_dir: Path) -> str:
+    """MLFLOW_TRACKING_URI when set; otherwise an absolute sqlite URI in ``results_dir``.
+
+    Absolute because Ray workers run in their own working directories.
+    """
+    from_env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if from_env:
+        return from_env
+    return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
+
+
+def sanitize_key(key: str) -> str:
+    """A metric/param key MLflow accepts on every OS: ``table/1%/x`` -> ``table/1pct/x``.
+
+    Keys are also file paths in some stores, so empty, ``.`` and ``..`` segments go too.
+    """
+    for char, word in _KEY_WORDS.items():
+        key = key.replace(char, word)
+    key = _KEY_BAD_CHARS.sub("_", key)
+    segments = [s for s in key.split("/") if s.strip() not in ("", ".")]
+    key = "/".join("__" if s.strip() == ".." else s for s in segments)
+    if not key:
+        raise ValueError("an MLflow key needs at least one letter or digit")
+    return key[:MAX_KEY_CHARS]
+
+
+def start_parent_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, object],
+    tags: Mapping[str, str] | None = None,
+) -> RunRef:
+    """A new sweep run in ``experiment`` (created on first use, artifacts next to the db)."""
+    client = _client(tracking_uri)
+    experiment_id = _experiment_id(client, tracking_uri, experiment)
+    str_tags = {k: str(v) for k, v in (tags or {}).items()}
+    run = _with_lock_retry(client.create_run, experiment_id, run_name=run_name, tags=str_tags)
+    ref = RunRef(tracking_uri, run.info.run_id, experiment_id)
+    log_params(ref, params)
+    return ref
+
+
+def resume_parent_run(tracking_uri: str, experiment: str, run_name: str) -> RunRef | None:
+    """The newest unfinished sweep run of that name, set RUNNING again; None when none is left.
+
+    Resuming keeps an interrupted sweep's finished trials under one parent instead of two.
+    """
+    client = _client(tracking_uri)
+    found = _with_lock_retry(client.get_experiment_by_name, experiment)
+    if found is None or found.lifecycle_stage != "active":
+        return None
+    runs = _search_all(
+        client,
+        found.experiment_id,
+        f"attributes.run_name = {_quoted(run_name)}",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        if PARENT_TAG not in run.data.tags and run.info.status != "FINISHED":
+            _with_lock_retry(client.update_run, run.info.run_id, status="RUNNING")
+            return RunRef(tracking_uri, run.info.run_id, found.experiment_id)
+    return None
+
+
+def find_or_start_child_run(
+    parent: RunRef,
+    run_name: str,
+    params: Mapping[str, object],
+    tags: Mapping[str, str] | None = None,
+) -> RunRef:
+    """The trial's child run of ``parent``: found again by its stable name, or created.
+
+    A FINISHED child is returned untouched (the caller skips the trial); an interrupted one
+    is set RUNNING and gets the params it does not have yet.
+    """
+    client = _client(parent.tracking_uri)
+    existing = _search_all(
+        client,
+        parent.experiment_id,
+        f"tags.`{PARENT_TAG}` = {_quoted(parent.run_id)} "
+        f"and attributes.run_name = {_quoted(run_name)}",
+        order_by=["attributes.start_time ASC"],
+    )
+    finished = [run for run in existing if run.info.status == "FINISHED"]
+    if finished:
+        return RunRef(parent.tracking_uri, finished[0].info.run_id, parent.experiment_id)
+    if existing:
+        run_id = existing[0].info.run_id
+        _with_lock_retry(client.update_run, run_id, status="RUNNING")
+    else:
+        all_tags = {**{k: str(v) for k, v in (tags or {}).items()}, PARENT_TAG: parent.run_id}
+        run = _with_lock_retry(
+            client.create_run, parent.experiment_id, run_name=run_name, tags=all_tags
+        )
+        run_id = run.info.run_id
+    child = RunRef(parent.tracking_uri, run_id, parent.experiment_id)
+    log_params(child, params)
+    return child
+
+
+def log_params(run: RunRef, params: Mapping[str, object]) -> None:
+    """Log the params the run does not have yet (MLflow refuses to change a logged one).
+
+    A resumed run whose value differs keeps the first value, and the new one is recorded as
+    tag ``changed_on_resume/<key>`` with a warning, so a mixed run is visible, not fatal.
+    """
+    client = _client(run.tracking_uri)
+    logged = _with_lock_retry(client.get_run, run.run_id).data.params
+    wanted = {sanitize_key(k): _param_value(v) for k, v in params.items()}
+    new = [Param(k, v) for k, v in wanted.items() if k not in logged]
+    changed = {k: v for k, v in wanted.items() if k in logged and logged[k] != v}
+    for start in range(0, len(new), MAX_PARAMS_PER_BATCH):
+        batch = new[start : start + MAX_PARAMS_PER_BATCH]
+        _with_lock_retry(client.log_batch, run.run_id, params=batch)
+    if changed:
+        _logger.warning(
+            "run %s keeps its first values of params %s; new values are in tags "
+            "changed_on_resume/<key>",
+            run.run_id,
+            sorted(changed),
+        )
+        set_tags(run, {f"changed_on_resume/{k}": v for k, v in changed.items()})
+
+
+def set_tags(run: RunRef, tags: Mapping[str, object]) -> None:
+    """Tags can change over a run's life (unlike params): checkpoint paths, trial state."""
+    client = _client(run.tracking_uri)
+    for key, value in tags.items():
+        _with_lock_retry(client.set_tag, run.run_id, key, _param_value(value))
+
+
+def log_metrics(run: RunRef, metrics: Mapping[str, float], step: int) -> None:
+    """Log one step's metrics in batches; NaN/inf values are skipped (a diverged loss must
+    not stop the trial's logging), with a debug message."""
+    timestamp_ms = int(time.time() * 1000)
+    entries = []
+    for key, value in metrics.items():
+        number = float(value)
+        if not math.isfinite(number):
+            _logger.debug("run %s step %d: skipped non-finite %s=%s", run.run_id, step, key, value)
+            continue
+        entries.append(Metric(sanitize_key(key), number, timestamp_ms, int(step)))
+    client = _client(run.tracking_uri)
+    for start in range(0, len(entries), MAX_METRICS_PER_BATCH):
+        batch = entries[start : start + MAX_METRICS_PER_BATCH]
+        _with_lock_retry(client.log_batch, run.run_id, metrics=batch)
+
+
+def log_final_metrics(run: RunRef, metrics: Mapping[str, float], step: int = 0) -> None:
+    """End-of-trial metrics under ``final/`` (``teacher/AP`` -> ``final/teacher/AP``), so they
+    never mix with the step curves of the same name."""
+    log_metrics(run, {f"final/{key}": value for key, value in metrics.items()}, step)
+
+
+def log_json_artifact(
+    run: RunRef, name: str, payload: Mapping, artifact_path: str | None = None
+) -> None:
+    """Write ``payload`` as ``name`` (``.json`` added when missing) among the run's artifacts."""
+    if not name or Path(name).name != name:
+        raise ValueError(f"artifact name {name!r} must be a plain file name; use artifact_path")
+    file_name = name if name.endswith(".json") else f"{name}.json"
+    with tempfile.TemporaryDirectory(prefix="softteacher-artifact-") as tmp:
+        local = Path(tmp) / file_name
+        local.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        log_file_artifact(run, local, artifact_path)
+
+
+def log_file_artifact(run: RunRef, path: Path, artifact_path: str | None = None) -> None:
+    """Copy a local file into the run's artifacts (the path is resolved before Ray moves on)."""
+    client = _client(run.tracking_uri)
+    local = str(Path(path).resolve())
+    _with_lock_retry(client.log_artifact, run.run_id, local, artifact_path)
+
+
+def finish_run(run: RunRef, status: str = "FINISHED") -> None:
+    """End the run as FINISHED, FAILED or KILLED."""
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"run status {status!r} is not one of FINISHED, FAILED, KILLED")
+    client = _client(run.tracking_uri)
+    _with_lock_retry(client.set_terminated, run.run_id, status=status)
+
+
+def run_status(run: RunRef) -> str:
+    """RUNNING, FINISHED, FAILED, KILLED or SCHEDULED."""
+    client = _client(run.tracking_uri)
+    status = _with_lock_retry(client.get_run, run.run_id).info.status
+    return status if isinstance(status, str) else RunStatus.to_string(status)
+
+
+def git_commit(repo_dir: Path) -> str:
+    """HEAD's commit, ``+dirty`` when tracked files changed (as ``git describe --dirty``);
+    ``unknown`` outside a git checkout or without git (a Ray worker may have neither)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(repo_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--verify", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit
+
+
+@functools.lru_cache(maxsize=8)
+def _client(tracking_uri: str) -> MlflowClient:
+    """One client (and one sqlite engine) per URI and process."""
+    return MlflowClient(tracking_uri)
+
+
+def _experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
+    """Get or create the experiment; a concurrent creator winning the race is fine."""
+    found = _with_lock_retry(client.get_experiment_by_name, name)
+    if found is None:
+        try:
+            return _with_lock_retry(
+                client.create_experiment, name, artifact_location=_artifact_location(tracking_uri)
+            )
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)
+    if found.lifecycle_stage != "active":
+        raise TrackingError(
+            f"MLflow experiment {name!r} in {tracking_uri} is deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {found.experiment_id}) "
+            "or choose another experiment name"
+        )
+    return found.experiment_id
+
+
+def _artifact_location(tracking_uri: str) -> str | None:
+    """``file://<db folder>/mlartifacts`` for a local sqlite store, else the server's default.
+
+    MLflow's own default for sqlite is ./mlruns of whatever directory the process was in when
+    it first opened the store, which differs between Ray workers.
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix) or ":memory:" in tracking_uri:
+        return None
+    db_file = Path(tracking_uri[len(prefix) :].split("?", 1)[0]).resolve()
+    return (db_file.parent / "mlartifacts").as_uri()
+
+
+def _search_all(client: MlflowClient, experiment_id: str, filter_string: str, order_by):
+    """Every match, page by page (a sweep can have more children than one page)."""
+    runs, token = [], None
+    while True:
+        page = _with_lock_retry(
+            client.search_runs, [experiment_id], filter_string, order_by=order_by, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _quoted(value: str) -> str:
+    """A search-filter string literal; MLflow's filter grammar has no escapes."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise TrackingError(f"run name {value!r} has both quote kinds; MLflow cannot search for it")
+
+
+def _param_value(value: object) -> str:
+    text = str(value)
+    if len(text) <= MAX_PARAM_VALUE_CHARS:
+        return text
+    return text[: MAX_PARAM_VALUE_CHARS - len(_CUT_MARK)] + _CUT_MARK
+
+
+def _with_lock_retry(call: Callable[..., T], *args, **kwargs) -> T:
+    """``call(*args, **kwargs)``, retried while another process holds the sqlite write lock.
+
+    MLflow already waits 20 s for the lock; sqlite still fails at once when two readers both
+    try to upgrade to writers, which many trials logging at the same time can hit.
+    """
+    wait_s = _LOCK_FIRST_WAIT_S
+    for _ in range(_LOCK_RETRIES):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as error:
+            if "database is locked" not in str(error):
+                raise
+            _logger.info("MLflow store locked by another writer; retrying in %.1f s", wait_s)
+            time.sleep(wait_s)
+            wait_s *= 2
+    return call(*args, **kwargs)

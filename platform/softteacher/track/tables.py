@@ -1,0 +1,262 @@
+"""The end-of-sweep table: each setting's mean and sample std over its folds (STAC protocol).
+
+A setting is (labeled ratio, method, foreground threshold, variance threshold); its folds
+are the repeated labeled draws the paper averages over.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from softteacher.config import METHODS
+from softteacher.track.mlflow_runs import (
+    RunRef,
+    log_file_artifact,
+    log_metrics,
+    sanitize_key,
+)
+
+DEFAULT_METRICS = ("teacher/AP", "student/AP")
+_KEY_COLUMNS = ("ratio %", "method", "fg_thr", "var_thr", "folds")
+
+
+class DuplicateFoldError(ValueError):
+    """Two results for the same fold of one setting: one of them would count twice."""
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One trial's final metrics; ``ratio`` is the labeled percentage (1.0 means 1%)."""
+
+    ratio: float
+    fold: int
+    method: str
+    fg_thr: float
+    var_thr: float
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class FoldSummary:
+    """One setting over its folds; ``per_fold[metric]`` lines up with ``folds`` (None: the
+    fold has no finite value, e.g. an AP pycocotools leaves undefined)."""
+
+    ratio: float
+    method: str
+    fg_thr: float
+    var_thr: float
+    n_folds: int
+    folds: tuple[int, ...]
+    means: dict[str, float]
+    stds: dict[str, float]
+    per_fold: dict[str, tuple[float | None, ...]]
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(self.per_fold)
+
+
+def summarize(
+    results: Sequence[TrialResult], metrics: Sequence[str] = DEFAULT_METRICS
+) -> list[FoldSummary]:
+    """Group by setting and reduce each metric over folds; sorted by ratio, then method in
+    the ablation order of ``config.METHODS``, then thresholds.
+
+    The std is the sample std (ddof=1), 0.0 for a single fold. Missing or non-finite values
+    are left out of the mean and std; a metric no fold has gets no mean and no std.
+    """
+    groups: dict[tuple[float, str, float, float], dict[int, TrialResult]] = {}
+    for result in results:
+        key = (result.ratio, result.method, result.fg_thr, result.var_thr)
+        by_fold = groups.setdefault(key, {})
+        if result.fold in by_fold:
+            raise DuplicateFoldError(
+                f"fold {result.fold} of setting ratio={result.ratio}% method={result.method} "
+                f"fg_thr={result.fg_thr} var_thr={result.var_thr} appears twice; "
+                "pass one result per trial (e.g. only FINISHED child runs)"
+            )
+        by_fold[result.fold] = result
+
+    summaries = []
+    for (ratio, method, fg_thr, var_thr), by_fold in sorted(groups.items(), key=_setting_order):
+        folds = tuple(sorted(by_fold))
+        means, stds, per_fold = {}, {}, {}
+        for metric in metrics:
+            column = tuple(_finite_or_none(by_fold[f].metrics.get(metric)) for f in folds)
+            per_fold[metric] = column
+            present = [v for v in column if v is not None]
+            if present:
+                means[metric] = statistics.fmean(present)
+                stds[metric] = statistics.stdev(present) if len(present) > 1 else 0.0
+        summaries.append(
+            FoldSummary(ratio, method, fg_thr, var_thr, len(folds), folds, means, stds, per_fold)
+        )
+    return summaries
+
+
+def format_table(summaries: Sequence[FoldSummary]) -> str:
+    """Aligned plain text, one row per setting, ``mean +- std`` cells."""
+    header, rows = _header(summaries), [_row_cells(s) for s in summaries]
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    lines = [_aligned(header, widths), _aligned(["-" * w for w in widths], widths)]
+    lines += [_aligned(row, widths) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def format_markdown(summaries: Sequence[FoldSummary]) -> str:
+    """The same table as GitHub Markdown, for the sweep's README or MLflow's artifact view."""
+    header = _header(summaries)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_row_cells(s)) + " |" for s in summaries]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(
+    summaries: Sequence[FoldSummary], results_dir: Path, stem: str = "fold_table"
+) -> dict[str, Path]:
+    """Write ``<stem>.csv`` (numeric ``*_mean``/``*_std`` columns), ``<stem>.json`` (with
+    per-fold values) and ``<stem>.md``; each replaces its old copy atomically, so a reader
+    never sees half a table."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    contents = {
+        "csv": _csv_text(summaries),
+        "json": json.dumps([_as_record(s) for s in summaries], indent=2) + "\n",
+        "md": format_markdown(summaries),
+    }
+    paths = {}
+    for kind, text in contents.items():
+        paths[kind] = results_dir / f"{stem}.{kind}"
+        _write_atomically(paths[kind], text)
+    return paths
+
+
+def log_tables_to_run(
+    run: RunRef, summaries: Sequence[FoldSummary], paths: dict[str, Path], step: int = 0
+) -> None:
+    """Attach the table files to the sweep's parent run (under ``tables/``) and log each
+    setting's means and stds as its metrics, e.g. ``table/1pct/soft_teacher_jitter/
+    fg0.9_var0.02/teacher_AP_mean``."""
+    for path in paths.values():
+        log_file_artifact(run, path, artifact_path="tables")
+    log_metrics(run, table_metrics(summaries), step)
+
+
+def table_metrics(summaries: Iterable[FoldSummary]) -> dict[str, float]:
+    """Parent-run metric name -> value, keys already valid MLflow keys."""
+    metrics = {}
+    for s in summaries:
+        prefix = f"table/{s.ratio:g}%/{s.method}/fg{s.fg_thr:g}_var{s.var_thr:g}"
+        for metric, mean in s.means.items():
+            name = _flat_name(metric)
+            metrics[sanitize_key(f"{prefix}/{name}_mean")] = mean
+            metrics[sanitize_key(f"{prefix}/{name}_std")] = s.stds[metric]
+    return metrics
+
+
+def _setting_order(item) -> tuple:
+    (ratio, method, fg_thr, var_thr), _ = item
+    known = method in METHODS
+    return (ratio, 0 if known else 1, METHODS.index(method) if known else method, fg_thr, var_thr)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _flat_name(metric: str) -> str:
+    """``teacher/AP`` -> ``teacher_AP``: one column or key segment per metric."""
+    return metric.replace("/", "_")
+
+
+def _column_title(metric: str) -> str:
+    """``teacher/AP`` -> ``teacher mAP`` (COCO's AP is the mean over classes and IoUs)."""
+    model, _, name = metric.rpartition("/")
+    name = "mAP" if name == "AP" else name
+    return f"{model} {name}" if model else name
+
+
+def _header(summaries: Sequence[FoldSummary]) -> list[str]:
+    return [*_KEY_COLUMNS, *(_column_title(m) for m in _metric_names(summaries))]
+
+
+def _metric_names(summaries: Sequence[FoldSummary]) -> list[str]:
+    names: dict[str, None] = {}
+    for s in summaries:
+        names.update(dict.fromkeys(s.metric_names))
+    return list(names)
+
+
+def _row_cells(s: FoldSummary) -> list[str]:
+    cells = [f"{s.ratio:g}", s.method, f"{s.fg_thr:g}", f"{s.var_thr:g}", str(s.n_folds)]
+    for metric in _metric_names([s]):
+        cells.append(f"{s.means[metric]:.2f} +- {s.stds[metric]:.2f}" if metric in s.means else "-")
+    return cells
+
+
+def _aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+
+def _csv_text(summaries: Sequence[FoldSummary]) -> str:
+    metrics = _metric_names(summaries)
+    fields = ["ratio", "method", "fg_thr", "var_thr", "n_folds", "folds"]
+    for metric in metrics:
+        fields += [f"{_flat_name(metric)}_mean", f"{_flat_name(metric)}_std"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for s in summaries:
+        row = {
+            "ratio": s.ratio,
+            "method": s.method,
+            "fg_thr": s.fg_thr,
+            "var_thr": s.var_thr,
+            "n_folds": s.n_folds,
+            "folds": " ".join(str(f) for f in s.folds),
+        }
+        for metric in metrics:
+            row[f"{_flat_name(metric)}_mean"] = s.means.get(metric, "")
+            row[f"{_flat_name(metric)}_std"] = s.stds.get(metric, "")
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def _as_record(s: FoldSummary) -> dict:
+    """JSON-safe: missing means are null, never NaN (which is not JSON)."""
+    return {
+        "ratio": s.ratio,
+        "method": s.method,
+        "fg_thr": s.fg_thr,
+        "var_thr": s.var_thr,
+        "n_folds": s.n_folds,
+        "folds": list(s.folds),
+        "means": {m: s.means.get(m) for m in s.metric_names},
+        "stds": {m: s.stds.get(m) for m in s.metric_names},
+        "per_fold": {m: list(values) for m, values in s.per_fold.items()},
+    }
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write beside ``path`` and rename over it (a rename within a folder is atomic)."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.chmod(tmp_name, 0o644)  # mkstemp's 0600 would hide the table from other users
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
