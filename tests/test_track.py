@@ -140,11 +140,12 @@ def test_resumed_child_is_reused_and_finished_child_returned_as_is(uri, experime
     assert find_or_start_child_run(other_parent, "trial-a", {}).run_id != first.run_id
 
 
-def test_resume_parent_run_finds_only_an_unfinished_sweep(uri, experiment):
+def test_resume_parent_run_finds_the_newest_sweep_of_that_name(uri, experiment):
     assert resume_parent_run(uri, "no-such-experiment", "sweep") is None
+    assert resume_parent_run(uri, experiment, "sweep") is None
     done = start_parent_run(uri, experiment, "sweep", {})
     finish_run(done)
-    assert resume_parent_run(uri, experiment, "sweep") is None
+    assert resume_parent_run(uri, experiment, "sweep") == done  # a rerun of a finished sweep
 
     interrupted = start_parent_run(uri, experiment, "sweep", {})
     finish_run(interrupted, "KILLED")

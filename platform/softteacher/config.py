@@ -250,7 +250,7 @@ def _preset_cpu() -> ExperimentConfig:
         ),
         optim=OptimConfig(lr=0.02, warmup_steps=100, decay_steps=(900,)),
         train=TrainConfig(max_steps=1000, eval_every=250, ckpt_every=250, log_every=25),
-        augment=_cpu_augment(160),
+        augment=dataclasses.replace(_cpu_augment(160), labeled_view="weak"),
         synthetic=synthetic,
     )
 
@@ -265,7 +265,7 @@ def _preset_smoke() -> ExperimentConfig:
         ),
         optim=OptimConfig(lr=0.02, warmup_steps=4, decay_steps=(20,)),
         train=TrainConfig(max_steps=12, eval_every=12, ckpt_every=6, log_every=4),
-        augment=_cpu_augment(80),
+        augment=dataclasses.replace(_cpu_augment(80), labeled_view="weak"),
         synthetic=synthetic,
     )
 

@@ -102,9 +102,10 @@ def start_parent_run(
 
 
 def resume_parent_run(tracking_uri: str, experiment: str, run_name: str) -> RunRef | None:
-    """The newest unfinished sweep run of that name, set RUNNING again; None when none is left.
+    """The newest sweep run of that name, set RUNNING again; None when there is none.
 
-    Resuming keeps an interrupted sweep's finished trials under one parent instead of two.
+    Resuming keeps an interrupted sweep's finished trials under one parent instead of two;
+    rerunning a finished sweep (same settings, same name) reports into the same parent.
     """
     client = _client(tracking_uri)
     found = _with_lock_retry(client.get_experiment_by_name, experiment)
@@ -117,7 +118,7 @@ def resume_parent_run(tracking_uri: str, experiment: str, run_name: str) -> RunR
         order_by=["attributes.start_time DESC"],
     )
     for run in runs:
-        if PARENT_TAG not in run.data.tags and run.info.status != "FINISHED":
+        if PARENT_TAG not in run.data.tags:
             _with_lock_retry(client.update_run, run.info.run_id, status="RUNNING")
             return RunRef(tracking_uri, run.info.run_id, found.experiment_id)
     return None

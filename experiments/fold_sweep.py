@@ -1,0 +1,112 @@
+"""The whole protocol: for each labeled ratio and fold, a Ray Tune sweep of the thresholds.
+
+    python experiments/fold_sweep.py --ratios 1,5,10
+    python experiments/fold_sweep.py --preset smoke --ratios 10 --folds 1 --baseline
+    python experiments/fold_sweep.py --coco-root /data/coco --preset paper --workers 8 --gpus-per-worker 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from softteacher.config import METHODS, PRESETS
+from softteacher.train.ray_worker import WorkerResources
+from softteacher.tune.cluster import start_or_join
+from softteacher.tune.sweep import SweepSettings, run_sweep
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    methods = tuple(v for v in text.split(",") if v)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {METHODS}")
+    return methods
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="smoke (tests), cpu (default without a GPU), paper (R50-FPN, COCO)")
+    parser.add_argument("--ratios", type=_floats, default=(1.0, 5.0, 10.0), help="labeled percents")
+    parser.add_argument("--folds", type=_ints, default=(1, 2, 3, 4, 5))
+    parser.add_argument("--method", type=_methods, default=("soft_teacher_jitter",),
+                        help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--fg-thr", type=_floats, default=None, help="foreground thresholds to sweep")
+    parser.add_argument("--var-thr", type=_floats, default=None, help="box-variance thresholds to sweep")
+    parser.add_argument("--baseline", action="store_true", help="add the supervised run per (ratio, fold)")
+    parser.add_argument("--coco-root", type=Path, default=None,
+                        help="a COCO 2017 layout (train2017/, val2017/, annotations/); default: synthetic")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (0: local mode)")
+    parser.add_argument("--cpus-per-worker", type=float, default=None)
+    parser.add_argument("--gpus-per-worker", type=float, default=None)
+    parser.add_argument("--max-failures", type=int, default=2, help="worker restarts from the last checkpoint")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the preset's schedule length")
+    parser.add_argument("--ckpt-every", type=int, default=None)
+    parser.add_argument("--address", default=None, help="join a running cluster ('auto'); default: start one")
+    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local cluster")
+    parser.add_argument("--dashboard-port", type=int, default=8265, help="of a local cluster")
+    parser.add_argument("--results-dir", type=Path, default=None)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--experiment", default="fold_sweep", help="MLflow experiment name")
+    parser.add_argument("--name", default=None, help="sweep name (default: derived from the settings)")
+    return parser.parse_args(argv)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def settings_from_args(args: argparse.Namespace) -> SweepSettings:
+    gpu = _has_gpu()
+    preset_name = args.preset or ("paper" if gpu else "cpu")
+    gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1.0 if gpu else 0.0)
+    cpus = args.cpus_per_worker or (1.0 if gpu else float(os.cpu_count() or 1))
+    defaults = SweepSettings()
+    base = SweepSettings(preset=preset_name).base_config().method
+    return SweepSettings(
+        preset=preset_name,
+        ratios=args.ratios,
+        folds=args.folds,
+        methods=args.method,
+        fg_thrs=args.fg_thr or (base.cls_thr,),
+        var_thrs=args.var_thr or (base.reg_thr,),
+        baseline=args.baseline,
+        coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
+        results_dir=str((args.results_dir or Path(defaults.results_dir)).resolve()),
+        data_dir=str((args.data_dir or Path(defaults.data_dir)).resolve()),
+        resources=WorkerResources(
+            num_workers=args.workers,
+            cpus_per_worker=cpus,
+            gpus_per_worker=gpus,
+            max_failures=args.max_failures,
+        ),
+        max_steps=args.max_steps,
+        ckpt_every=args.ckpt_every,
+        experiment_name=args.experiment,
+        sweep_name=args.name,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = settings_from_args(args)
+    dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
+    if dashboard:
+        print(f"Ray dashboard: {dashboard} (token: `ray get-auth-token`; Train view lists the runs)")
+    run_sweep(settings)
+
+
+if __name__ == "__main__":
+    main()

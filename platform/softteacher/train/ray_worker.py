@@ -1,0 +1,171 @@
+"""The Ray Train side of a run: ``train_loop_per_worker`` and the ``TorchTrainer`` around it.
+
+Ray stays at the edges: data shards come in through ``get_dataset_shard``, metrics and
+checkpoints go out through ``ray.train.report``; the step and the loop are the same ones
+the single-process runner uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from softteacher.config import ExperimentConfig
+from softteacher.data.coco import load_coco
+from softteacher.data.ray_stream import StepBatches
+from softteacher.eval.models import evaluate_teacher_and_student
+from softteacher.track.mlflow_runs import RunRef, log_metrics
+from softteacher.train.checkpoint import load_checkpoint, save_checkpoint
+from softteacher.train.loop import LoopHooks, Metrics, fit
+from softteacher.train.trainer import SoftTeacherTrainer
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every worker of a run needs, as plain data that Ray can ship to any node."""
+
+    experiment: ExperimentConfig
+    val_ann: str
+    val_images: str
+    threads_per_worker: int
+    tracking: RunRef | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "experiment": self.experiment.to_dict(),
+            "val_ann": self.val_ann,
+            "val_images": self.val_images,
+            "threads_per_worker": self.threads_per_worker,
+            "tracking": dataclasses.asdict(self.tracking) if self.tracking else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WorkerJob:
+        tracking = data.get("tracking")
+        return cls(
+            experiment=ExperimentConfig.from_dict(data["experiment"]),
+            val_ann=data["val_ann"],
+            val_images=data["val_images"],
+            threads_per_worker=int(data["threads_per_worker"]),
+            tracking=RunRef(**tracking) if tracking else None,
+        )
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """How a run is spread: ``num_workers=0`` is Ray Train's local mode (in-process)."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2
+
+    def scaling_config(self) -> ScalingConfig:
+        use_gpu = self.gpus_per_worker > 0
+        resources = {"CPU": self.cpus_per_worker}
+        if use_gpu:
+            resources["GPU"] = self.gpus_per_worker
+        return ScalingConfig(
+            num_workers=self.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        )
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One worker of a run: resume from Ray's latest checkpoint, stream this worker's shard
+    of the labeled and unlabeled data, train, evaluate on rank 0, report."""
+    job = WorkerJob.from_dict(config)
+    cfg = job.experiment
+    torch.set_num_threads(max(1, job.threads_per_worker))
+    context = ray.train.get_context()
+    is_rank_zero = context.get_world_rank() == 0
+    device = ray.train.torch.get_device()
+
+    wrap = _prepare_ddp if context.get_world_size() > 1 else (lambda module: module)
+    trainer = SoftTeacherTrainer(cfg, device, wrap_student=wrap)
+    position: dict = {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            position = load_checkpoint(trainer, Path(directory)).get("data_position", {})
+
+    n_labeled, n_unlabeled = cfg.step_batch_sizes()
+    batches = StepBatches(
+        ray.train.get_dataset_shard("labeled"),
+        ray.train.get_dataset_shard("unlabeled") if n_unlabeled else None,
+        n_labeled,
+        n_unlabeled,
+        device,
+        seed=cfg.train.seed + context.get_world_rank(),
+        start_epoch=position,
+    )
+    val = load_coco(Path(job.val_ann), Path(job.val_images)) if is_rank_zero else None
+    latest_eval: Metrics = {}
+    latest_speed: Metrics = {}
+
+    def log(step: int, metrics: Metrics) -> None:
+        if is_rank_zero and job.tracking is not None:
+            log_metrics(job.tracking, metrics, step)
+        if "images_per_s" in metrics:
+            latest_speed["images_per_s"] = metrics["images_per_s"]
+        # Every worker reports at the same steps: a report is a barrier in Ray Train.
+        ray.train.report({"step": step, **latest_speed, **metrics, **latest_eval})
+
+    def evaluate(trainer: SoftTeacherTrainer) -> Metrics:
+        if val is None:
+            return {}
+        latest_eval.update(evaluate_teacher_and_student(trainer, val, cfg))
+        latest_eval["eval_step"] = trainer.step_count
+        return dict(latest_eval)
+
+    def save(trainer: SoftTeacherTrainer, metrics: Metrics) -> None:
+        step = trainer.step_count
+        report = {"step": step, **latest_speed, **latest_eval, "checkpoint_step": step}
+        if not is_rank_zero:
+            ray.train.report(report)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(trainer, Path(directory), {"data_position": batches.position()})
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(directory))
+
+    fit(trainer, batches, LoopHooks(log=log, evaluate=evaluate, checkpoint=save))
+
+
+def _prepare_ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """DDP through Ray; unused parameters happen (a step with no pseudo boxes of a kind)."""
+    return ray.train.torch.prepare_model(
+        module, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+
+
+def build_torch_trainer(
+    job: WorkerJob,
+    resources: WorkerResources,
+    datasets: dict[str, ray.data.Dataset],
+    *,
+    run_name: str,
+    storage_path: Path,
+    callbacks: list | None = None,
+) -> TorchTrainer:
+    """A ``TorchTrainer`` for one run. ``run_name`` must be unique to the run: Ray Train
+    resumes a run of the same name from its storage, which is what a restarted trial wants
+    and what a new trial must never get."""
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.to_dict(),
+        scaling_config=resources.scaling_config(),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=resources.max_failures),
+            callbacks=callbacks or [],
+        ),
+        datasets=datasets,
+    )

@@ -1,0 +1,58 @@
+"""Start or join the Ray cluster a sweep runs on, with the dashboard and Train's state view."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+DASHBOARD_HOST = "127.0.0.1"
+DASHBOARD_PORT = 8265
+# Environment every Ray process of the sweep needs: the dashboard's Train view lists runs
+# only with state tracking on, and Ray Data's progress bars would flood the sweep's log.
+WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def start_or_join(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    dashboard_port: int = DASHBOARD_PORT,
+) -> str | None:
+    """Join ``address`` (or ``RAY_ADDRESS``) if given, else start a local cluster whose
+    dashboard listens on 127.0.0.1:8265. Returns the dashboard URL, if any.
+
+    A local cluster gets twice as many logical CPUs as the machine has cores unless told
+    otherwise: the Ray Data actors that decode and augment mostly wait, and with logical
+    CPUs equal to cores a trial's driver, its Train worker and its data actors cannot all be
+    scheduled on a 2-core machine (the run would hang forever).
+
+    Worker output stays in the workers' log files (the dashboard's Logs tab, or
+    ``/tmp/ray/session_latest/logs``): the sweep's terminal shows one line a trial event.
+    """
+    os.environ.update(WORKER_ENV)
+    if ray.is_initialized():
+        return _dashboard_url(None)
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    if address:
+        context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        context = ray.init(
+            num_cpus=num_cpus or 2 * (os.cpu_count() or 1),
+            include_dashboard=True,
+            dashboard_host=DASHBOARD_HOST,
+            dashboard_port=dashboard_port,
+            runtime_env=runtime_env,
+            log_to_driver=False,
+        )
+    return _dashboard_url(context)
+
+
+def _dashboard_url(context: object | None) -> str | None:
+    url = getattr(context, "dashboard_url", None) if context is not None else None
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"

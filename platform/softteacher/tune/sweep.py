@@ -1,0 +1,367 @@
+"""The fold sweep: ratio x fold x fg_thr x var_thr (x method) on Ray Tune.
+
+Ray 2.60 runs Train V2, where ``Tuner(trainer)`` is gone: each Tune trial is a function
+that builds and fits its own ``TorchTrainer`` and forwards the Train reports to Tune with
+``TuneReportCallback``. The sweep's name is derived from its settings, so running the same
+command again resumes it: finished trials are not rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from softteacher.config import ExperimentConfig, preset
+from softteacher.data.protocol import FoldData, coco_folds, synthetic_folds
+from softteacher.data.ray_stream import (
+    DATA_ACTOR_CPUS,
+    READ_TASK_CPUS,
+    labeled_dataset,
+    unlabeled_dataset,
+)
+from softteacher.data.shards import ShardSet, write_shards
+from softteacher.eval.coco_eval import METRIC_NAMES
+from softteacher.track.mlflow_runs import (
+    RunRef,
+    default_tracking_uri,
+    find_or_start_child_run,
+    finish_run,
+    git_commit,
+    log_final_metrics,
+    log_json_artifact,
+    resume_parent_run,
+    run_status,
+    start_parent_run,
+)
+from softteacher.track.tables import (
+    TrialResult,
+    format_table,
+    log_tables_to_run,
+    summarize,
+    write_tables,
+)
+from softteacher.train.ray_worker import WorkerJob, WorkerResources, build_torch_trainer
+from softteacher.tune.progress import TrialEventPrinter
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+TUNE_DRIVER_CPUS = 0.01  # the trial function only waits on its TorchTrainer
+# the smallest Ray Data footprint of a trial: one actor in each of its two pools, one read task
+DATA_CPUS_PER_TRIAL = 2 * DATA_ACTOR_CPUS + READ_TASK_CPUS
+FINAL_METRICS = tuple(f"{model}/{name}" for model in ("teacher", "student") for name in METRIC_NAMES)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One point of the grid."""
+
+    ratio: float
+    fold: int
+    method: str
+    fg_thr: float
+    var_thr: float
+
+    @property
+    def name(self) -> str:
+        return f"r{self.ratio:g}-f{self.fold}-{self.method}-fg{self.fg_thr:g}-var{self.var_thr:g}"
+
+    def apply(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        """The paper's foreground threshold serves the classification and RPN pseudo boxes."""
+        return cfg.replace(
+            method={
+                "method": self.method,
+                "cls_thr": self.fg_thr,
+                "rpn_thr": self.fg_thr,
+                "reg_thr": self.var_thr,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Everything the command line decides; its hash names the sweep (and so resumes it)."""
+
+    preset: str = "cpu"
+    ratios: tuple[float, ...] = (1.0, 5.0, 10.0)
+    folds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    methods: tuple[str, ...] = ("soft_teacher_jitter",)
+    fg_thrs: tuple[float, ...] = (0.9,)
+    var_thrs: tuple[float, ...] = (0.02,)
+    baseline: bool = False
+    coco_root: str | None = None
+    results_dir: str = str(PROJECT_ROOT / "experiments" / "results")
+    data_dir: str = str(PROJECT_ROOT / "data")
+    resources: WorkerResources = field(default_factory=WorkerResources)
+    max_steps: int | None = None
+    ckpt_every: int | None = None
+    experiment_name: str = "fold_sweep"
+    sweep_name: str | None = None
+
+    def base_config(self) -> ExperimentConfig:
+        cfg = preset(self.preset)
+        train_changes = {}
+        if self.max_steps is not None:
+            train_changes["max_steps"] = self.max_steps
+        if self.ckpt_every is not None:
+            train_changes["ckpt_every"] = self.ckpt_every
+        return cfg.replace(train=train_changes) if train_changes else cfg
+
+    def trial_specs(self) -> list[TrialSpec]:
+        specs = [
+            TrialSpec(r, f, m, fg, var)
+            for r in self.ratios
+            for f in self.folds
+            for m in self.methods
+            for fg in self.fg_thrs
+            for var in self.var_thrs
+        ]
+        if self.baseline and "supervised" not in self.methods:
+            # thresholds mean nothing to the baseline: one run per (ratio, fold)
+            default = self.base_config().method
+            specs += [
+                TrialSpec(r, f, "supervised", default.cls_thr, default.reg_thr)
+                for r in self.ratios
+                for f in self.folds
+            ]
+        return specs
+
+    @property
+    def name(self) -> str:
+        if self.sweep_name:
+            return self.sweep_name
+        identity = dataclasses.asdict(self) | {"results_dir": None, "data_dir": None}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.experiment_name}-{self.preset}-{digest}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SweepSettings:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        fields["resources"] = WorkerResources(**data["resources"])
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class PreparedFold:
+    """A fold's files and its Parquet shards, made once by the driver before any trial."""
+
+    data: FoldData
+    labeled: ShardSet
+    unlabeled: ShardSet
+
+
+def run_sweep(settings: SweepSettings) -> list[TrialResult]:
+    """Prepare the folds, run (or resume) the grid, and write the mean +- std table."""
+    results_dir = Path(settings.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    base = settings.base_config()
+    prepared = prepare_folds(settings, base)
+    tracking_uri = default_tracking_uri(results_dir)
+    parent = resume_parent_run(tracking_uri, settings.experiment_name, settings.name)
+    if parent is None:
+        parent = start_parent_run(
+            tracking_uri,
+            settings.experiment_name,
+            settings.name,
+            params={"preset": settings.preset, "git_commit": git_commit(PROJECT_ROOT)},
+        )
+    log_json_artifact(parent, "sweep_settings.json", settings.to_dict())
+    specs = settings.trial_specs()
+    print(f"sweep {settings.name}: {len(specs)} trials; MLflow {tracking_uri} run {parent.run_id}")
+
+    shared = {
+        "settings": settings.to_dict(),
+        "parent": dataclasses.asdict(parent),
+        "folds": {key: _prepared_to_dict(p) for key, p in prepared.items()},
+    }
+    trainable = tune.with_resources(run_trial, {"CPU": TUNE_DRIVER_CPUS})
+    storage = results_dir / "ray"
+    experiment_path = storage / settings.name
+    if tune.Tuner.can_restore(str(experiment_path)):
+        print(f"resuming sweep from {experiment_path}")
+        tuner = tune.Tuner.restore(
+            str(experiment_path), trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([dataclasses.asdict(s) for s in specs]), **shared},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent_trials(settings.resources)
+            ),
+            run_config=tune.RunConfig(
+                name=settings.name,
+                storage_path=str(storage),
+                callbacks=[TrialEventPrinter()],
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    results = [
+        _trial_result(TrialSpec(**r.config["trial"]), r.metrics or {})
+        for r in grid
+        if r.error is None and r.metrics and "final" in r.metrics
+    ]
+    errors = [r for r in grid if r.error is not None]
+    summaries = summarize(results)
+    print(format_table(summaries))
+    paths = write_tables(summaries, results_dir, stem=f"{settings.name}_table")
+    log_tables_to_run(parent, summaries, paths)
+    for path in paths.values():
+        print(f"wrote {path}")
+    if errors:
+        print(f"{len(errors)} trial(s) failed; rerun the same command to retry them")
+    else:
+        finish_run(parent)
+    return results
+
+
+def prepare_folds(settings: SweepSettings, base: ExperimentConfig) -> dict[str, PreparedFold]:
+    """Fold files and their shards (both cached by content) for every (ratio, fold)."""
+    data_dir = Path(settings.data_dir)
+    if settings.coco_root:
+        folds = coco_folds(Path(settings.coco_root), data_dir / "coco_folds", settings.ratios, settings.folds)
+    else:
+        folds = synthetic_folds(data_dir, base.synthetic, settings.ratios, settings.folds)
+    prepared = {}
+    for fold in folds:
+        labeled, unlabeled, _ = fold.load()
+        prepared[_fold_key(fold.percent, fold.fold)] = PreparedFold(
+            fold,
+            write_shards(labeled, data_dir / "shards"),
+            write_shards(unlabeled, data_dir / "shards"),
+        )
+        print(f"fold {fold.fold}@{fold.percent:g}%: {len(labeled.records)} labeled, "
+              f"{len(unlabeled.records)} unlabeled images")
+    return prepared
+
+
+def max_concurrent_trials(resources: WorkerResources) -> int:
+    """As many trials as the cluster's CPUs (and GPUs) hold at once, at least one."""
+    total = ray.cluster_resources()
+    per_trial_cpu = (
+        TUNE_DRIVER_CPUS + resources.num_workers * resources.cpus_per_worker + DATA_CPUS_PER_TRIAL
+    )
+    limit = math.floor(total.get("CPU", 1.0) / per_trial_cpu)
+    if resources.gpus_per_worker > 0:
+        per_trial_gpu = resources.num_workers * resources.gpus_per_worker
+        limit = min(limit, math.floor(total.get("GPU", 0.0) / per_trial_gpu))
+    return max(1, limit)
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: a child MLflow run and a fitted ``TorchTrainer``."""
+    settings = SweepSettings.from_dict(config["settings"])
+    spec = TrialSpec(**config["trial"])
+    parent = RunRef(**config["parent"])
+    prepared = _prepared_from_dict(config["folds"][_fold_key(spec.ratio, spec.fold)])
+    cfg = spec.apply(settings.base_config())
+    child = find_or_start_child_run(
+        parent,
+        spec.name,
+        params=dataclasses.asdict(spec)
+        | {"preset": settings.preset, "seed": cfg.train.seed, "git_commit": git_commit(PROJECT_ROOT)}
+        | cfg.flat(),
+    )
+    if run_status(child) == "FINISHED":
+        tune.report(_final_metrics_of(child) | {"final": 1.0})
+        return
+    log_json_artifact(child, "config.json", cfg.to_dict())
+    job = WorkerJob(
+        experiment=cfg,
+        val_ann=str(prepared.data.val_ann),
+        val_images=str(prepared.data.val_images),
+        threads_per_worker=max(1, int(settings.resources.cpus_per_worker)),
+        tracking=child,
+    )
+    datasets = {"labeled": labeled_dataset(prepared.labeled, cfg.augment, seed=cfg.train.seed)}
+    if cfg.method.uses_unlabeled:
+        datasets["unlabeled"] = unlabeled_dataset(
+            prepared.unlabeled, cfg.augment, seed=cfg.train.seed + 1
+        )
+    trainer = build_torch_trainer(
+        job,
+        settings.resources,
+        datasets,
+        run_name=f"{settings.name}-{spec.name}",
+        storage_path=Path(settings.results_dir) / "ray" / "train",
+        callbacks=[TuneReportCallback()],
+    )
+    result = trainer.fit()
+    final = {k: float(v) for k, v in (result.metrics or {}).items() if k in FINAL_METRICS}
+    log_final_metrics(child, final)
+    summary = {"trial": dataclasses.asdict(spec), "metrics": final}
+    if result.checkpoint is not None:
+        summary["checkpoint"] = result.checkpoint.path
+    log_json_artifact(child, "summary.json", summary)
+    finish_run(child)
+    tune.report(final | {"final": 1.0})
+
+
+def _final_metrics_of(run: RunRef) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(run.tracking_uri).get_run(run.run_id).data.metrics
+    return {
+        name: logged[f"final/{name}"] for name in FINAL_METRICS if f"final/{name}" in logged
+    }
+
+
+def _trial_result(spec: TrialSpec, metrics: dict) -> TrialResult:
+    return TrialResult(
+        ratio=spec.ratio,
+        fold=spec.fold,
+        method=spec.method,
+        fg_thr=spec.fg_thr,
+        var_thr=spec.var_thr,
+        metrics={k: float(metrics[k]) for k in FINAL_METRICS if k in metrics},
+    )
+
+
+def _fold_key(ratio: float, fold: int) -> str:
+    return f"{fold}@{ratio:g}"
+
+
+def _prepared_to_dict(prepared: PreparedFold) -> dict:
+    return {
+        "data": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(prepared.data).items()},
+        "labeled": _shards_to_dict(prepared.labeled),
+        "unlabeled": _shards_to_dict(prepared.unlabeled),
+    }
+
+
+def _prepared_from_dict(data: dict) -> PreparedFold:
+    fold = data["data"]
+    return PreparedFold(
+        FoldData(**{k: Path(v) if isinstance(v, str) else v for k, v in fold.items()}),
+        _shards_from_dict(data["labeled"]),
+        _shards_from_dict(data["unlabeled"]),
+    )
+
+
+def _shards_to_dict(shards: ShardSet) -> dict:
+    return {
+        "root": str(shards.root),
+        "files": [str(f) for f in shards.files],
+        "num_rows": shards.num_rows,
+        "key": shards.key,
+    }
+
+
+def _shards_from_dict(data: dict) -> ShardSet:
+    return ShardSet(
+        root=Path(data["root"]),
+        files=tuple(Path(f) for f in data["files"]),
+        num_rows=data["num_rows"],
+        key=data["key"],
+    )
+

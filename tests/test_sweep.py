@@ -1,0 +1,75 @@
+"""The platform end to end: the fold-sweep command on a real Ray cluster on loopback, its
+MLflow store and its table; a rerun resumes instead of training again."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.ray
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sweep(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    command = [
+        sys.executable, str(ROOT / "experiments" / "fold_sweep.py"),
+        "--preset", "smoke", "--ratios", "10", "--folds", "1", "--baseline",
+        "--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data"),
+        "--num-cpus", "4", "--dashboard-port", str(_free_port()), *extra,
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_two_trial_sweep_records_runs_and_table_and_resumes(tmp_path):
+    first = _sweep(tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "Ray dashboard: http://127.0.0.1:" in first.stdout
+    assert first.stdout.count("[done]") == 2
+
+    results = tmp_path / "results"
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fold_sweep")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.params["method"] for c in children} == {"supervised", "soft_teacher_jitter"}
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.info.status == "FINISHED"
+        assert "final/teacher/AP" in child.data.metrics
+        assert "final/student/AP50" in child.data.metrics
+        history = client.get_metric_history(child.info.run_id, "loss/total")
+        assert len(history) >= 2 and history[-1].step > history[0].step
+    soft = next(c for c in children if c.data.params["method"] == "soft_teacher_jitter")
+    assert client.get_metric_history(soft.info.run_id, "pseudo/cls_per_image")
+
+    tables = list(results.glob("*_table.csv"))
+    assert len(tables) == 1
+    with tables[0].open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["method"] for row in rows} == {"supervised", "soft_teacher_jitter"}
+
+    again = _sweep(tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming sweep" in again.stdout
+    assert again.stdout.count("[start]") == 0  # finished trials are not rerun
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 3
