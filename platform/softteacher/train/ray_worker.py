@@ -22,7 +22,7 @@ from softteacher.config import ExperimentConfig
 from softteacher.data.coco import load_coco
 from softteacher.data.ray_stream import StepBatches
 from softteacher.eval.models import evaluate_teacher_and_student
-from softteacher.track.mlflow_runs import RunRef, log_metrics
+from softteacher.track.mlflow_runs import RunRef, log_metrics, set_tags
 from softteacher.train.checkpoint import load_checkpoint, save_checkpoint
 from softteacher.train.loop import LoopHooks, Metrics, fit
 from softteacher.train.trainer import SoftTeacherTrainer
@@ -67,6 +67,7 @@ class WorkerResources:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 2
+    placement_strategy: str = "PACK"
 
     def scaling_config(self) -> ScalingConfig:
         use_gpu = self.gpus_per_worker > 0
@@ -74,7 +75,10 @@ class WorkerResources:
         if use_gpu:
             resources["GPU"] = self.gpus_per_worker
         return ScalingConfig(
-            num_workers=self.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=self.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=self.placement_strategy,
         )
 
 
@@ -87,6 +91,9 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     is_rank_zero = context.get_world_rank() == 0
     device = ray.train.torch.get_device()
+    if job.tracking is not None:  # where each worker ran, for the user and the tests
+        node = ray.get_runtime_context().get_node_id()
+        set_tags(job.tracking, {f"worker/{context.get_world_rank()}/node_id": node})
 
     wrap = _prepare_ddp if context.get_world_size() > 1 else (lambda module: module)
     trainer = SoftTeacherTrainer(cfg, device, wrap_student=wrap)
