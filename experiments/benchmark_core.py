@@ -79,8 +79,9 @@ def learning_curve(percents: list[float], steps: int) -> dict[float, dict[str, f
     for percent in percents:
         cfg = preset("cpu").replace(
             method={"method": "supervised"},
-            train={"max_steps": steps, "eval_every": steps, "ckpt_every": steps, "log_every": 100},
-            optim={"decay_steps": (int(steps * 0.8),)},
+            train={"max_steps": steps, "eval_every": steps, "ckpt_every": steps, "log_every": 100,
+                   "max_val_images": None},
+            optim={"warmup_steps": 100, "decay_steps": (int(steps * 0.8),)},
         )
         fold = synthetic_folds(DATA, cfg.synthetic, [percent], [1])[0]
         start = time.perf_counter()

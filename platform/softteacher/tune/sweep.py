@@ -67,21 +67,31 @@ class TrialSpec:
     method: str
     fg_thr: float
     var_thr: float
+    indicator: str | None = None  # None: the preset's (BG-T)
+    n_jitter: int | None = None  # None: the preset's
 
     @property
     def name(self) -> str:
-        return f"r{self.ratio:g}-f{self.fold}-{self.method}-fg{self.fg_thr:g}-var{self.var_thr:g}"
+        name = f"r{self.ratio:g}-f{self.fold}-{self.method}-fg{self.fg_thr:g}-var{self.var_thr:g}"
+        if self.indicator is not None:
+            name += f"-{self.indicator}"
+        if self.n_jitter is not None:
+            name += f"-nj{self.n_jitter}"
+        return name
 
     def apply(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """The paper's foreground threshold serves the classification and RPN pseudo boxes."""
-        return cfg.replace(
-            method={
-                "method": self.method,
-                "cls_thr": self.fg_thr,
-                "rpn_thr": self.fg_thr,
-                "reg_thr": self.var_thr,
-            }
-        )
+        changes = {
+            "method": self.method,
+            "cls_thr": self.fg_thr,
+            "rpn_thr": self.fg_thr,
+            "reg_thr": self.var_thr,
+        }
+        if self.indicator is not None:
+            changes["indicator"] = self.indicator
+        if self.n_jitter is not None:
+            changes["n_jitter"] = self.n_jitter
+        return cfg.replace(method=changes)
 
 
 @dataclass(frozen=True)
@@ -159,8 +169,19 @@ class PreparedFold:
     unlabeled: ShardSet
 
 
-def run_sweep(settings: SweepSettings) -> list[TrialResult]:
-    """Prepare the folds, run (or resume) the grid, and write the mean +- std table."""
+@dataclass(frozen=True)
+class FinishedTrial:
+    spec: TrialSpec
+    metrics: dict[str, float]
+
+
+def run_sweep(
+    settings: SweepSettings, specs: list[TrialSpec] | None = None
+) -> list[FinishedTrial]:
+    """Prepare the folds, run (or resume) the trials, and write the mean +- std table.
+
+    ``specs`` defaults to the settings' grid; an ablation passes its own list (the sweep's
+    name should then say which, through ``settings.sweep_name``)."""
     results_dir = Path(settings.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     base = settings.base_config()
@@ -175,7 +196,7 @@ def run_sweep(settings: SweepSettings) -> list[TrialResult]:
             params={"preset": settings.preset, "git_commit": git_commit(PROJECT_ROOT)},
         )
     log_json_artifact(parent, "sweep_settings.json", settings.to_dict())
-    specs = settings.trial_specs()
+    specs = specs if specs is not None else settings.trial_specs()
     print(f"sweep {settings.name}: {len(specs)} trials; MLflow {tracking_uri} run {parent.run_id}")
 
     shared = {
@@ -206,13 +227,16 @@ def run_sweep(settings: SweepSettings) -> list[TrialResult]:
             ),
         )
     grid = tuner.fit()
-    results = [
-        _trial_result(TrialSpec(**r.config["trial"]), r.metrics or {})
+    finished = [
+        FinishedTrial(
+            TrialSpec(**r.config["trial"]),
+            {k: float(r.metrics[k]) for k in FINAL_METRICS if k in r.metrics},
+        )
         for r in grid
         if r.error is None and r.metrics and "final" in r.metrics
     ]
     errors = [r for r in grid if r.error is not None]
-    summaries = summarize(results)
+    summaries = summarize([_trial_result(t) for t in finished])
     print(format_table(summaries))
     paths = write_tables(summaries, results_dir, stem=f"{settings.name}_table")
     log_tables_to_run(parent, summaries, paths)
@@ -222,7 +246,7 @@ def run_sweep(settings: SweepSettings) -> list[TrialResult]:
         print(f"{len(errors)} trial(s) failed; rerun the same command to retry them")
     else:
         finish_run(parent)
-    return results
+    return finished
 
 
 def prepare_folds(settings: SweepSettings, base: ExperimentConfig) -> dict[str, PreparedFold]:
@@ -316,15 +340,9 @@ def _final_metrics_of(run: RunRef) -> dict[str, float]:
     }
 
 
-def _trial_result(spec: TrialSpec, metrics: dict) -> TrialResult:
-    return TrialResult(
-        ratio=spec.ratio,
-        fold=spec.fold,
-        method=spec.method,
-        fg_thr=spec.fg_thr,
-        var_thr=spec.var_thr,
-        metrics={k: float(metrics[k]) for k in FINAL_METRICS if k in metrics},
-    )
+def _trial_result(trial: FinishedTrial) -> TrialResult:
+    spec = trial.spec
+    return TrialResult(spec.ratio, spec.fold, spec.method, spec.fg_thr, spec.var_thr, trial.metrics)
 
 
 def _fold_key(ratio: float, fold: int) -> str:

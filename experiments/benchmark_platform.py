@@ -1,0 +1,111 @@
+"""What the platform costs: the soft-teacher loop under Ray Train (1 worker, Ray Data
+stream) against the single-process loop, and Ray's fixed cost a run.
+
+    python experiments/benchmark_platform.py --steps 60
+
+Prints figures and writes experiments/results/platform_overhead.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from mlflow.tracking import MlflowClient
+
+from softteacher.config import ExperimentConfig, preset
+from softteacher.data.protocol import synthetic_folds
+from softteacher.data.ray_stream import labeled_dataset, unlabeled_dataset
+from softteacher.data.shards import write_shards
+from softteacher.track.mlflow_runs import start_parent_run
+from softteacher.train.local import run_single_process
+from softteacher.train.ray_worker import WorkerJob, WorkerResources, build_torch_trainer
+from softteacher.tune.cluster import start_or_join
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _config(steps: int) -> ExperimentConfig:
+    return preset("cpu").replace(
+        method={"burn_in_steps": 0, "unsup_weight_ramp_steps": 0},
+        train={"max_steps": steps, "log_every": 10, "eval_every": 10**9, "ckpt_every": 10**9},
+    )
+
+
+def steady_images_per_s(values: list[float]) -> float:
+    """Median of the logged windows after the first (which holds start-up)."""
+    return statistics.median(values[1:] if len(values) > 1 else values)
+
+
+def single_process(cfg: ExperimentConfig, fold) -> tuple[float, float]:
+    speeds: list[float] = []
+    start = time.perf_counter()
+    run_single_process(cfg, fold, log=lambda step, m: speeds.append(m["images_per_s"])
+                       if "images_per_s" in m else None)
+    return steady_images_per_s(speeds), time.perf_counter() - start
+
+
+def under_ray(cfg: ExperimentConfig, fold, workdir: Path) -> tuple[float, float]:
+    labeled, unlabeled, _ = fold.load()
+    labeled_shards = write_shards(labeled, DATA / "shards")
+    unlabeled_shards = write_shards(unlabeled, DATA / "shards")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    run = start_parent_run(uri, "benchmark", "ray", {})
+    cpus = 2.0
+    job = WorkerJob(cfg, str(fold.val_ann), str(fold.val_images), int(cpus), tracking=run)
+    datasets = {
+        "labeled": labeled_dataset(labeled_shards, cfg.augment, seed=0),
+        "unlabeled": unlabeled_dataset(unlabeled_shards, cfg.augment, seed=1),
+    }
+    trainer = build_torch_trainer(
+        job, WorkerResources(num_workers=1, cpus_per_worker=cpus), datasets,
+        run_name="benchmark", storage_path=workdir / "train",
+    )
+    start = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - start
+    history = MlflowClient(uri).get_metric_history(run.run_id, "images_per_s")
+    return steady_images_per_s([m.value for m in sorted(history, key=lambda m: m.step)]), wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    cfg = _config(args.steps)
+    fold = synthetic_folds(DATA, cfg.synthetic, [10], [1])[0]
+    local_speed, local_wall = single_process(cfg, fold)
+    start_or_join()
+    with tempfile.TemporaryDirectory() as workdir:
+        ray_speed, ray_wall = under_ray(cfg, fold, Path(workdir))
+    ray.shutdown()
+    images = args.steps * cfg.train.images_per_step
+    ray_fixed = ray_wall - images / ray_speed
+    local_fixed = local_wall - images / local_speed
+    lines = [
+        "| loop | steady images/s | wall s | fixed cost s (wall - images / speed) |",
+        "|---|---|---|---|",
+        f"| single process | {local_speed:.2f} | {local_wall:.1f} | {local_fixed:.1f} |",
+        f"| Ray Train, 1 worker, Ray Data stream | {ray_speed:.2f} | {ray_wall:.1f} | {ray_fixed:.1f} |",
+        "",
+        f"Ray / single-process images/s: {ray_speed / local_speed:.2f}; "
+        f"Ray's extra fixed cost a run: {ray_fixed - local_fixed:.1f} s.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "platform_overhead.md"
+    out.write_text(
+        f"Soft Teacher (full method) on the cpu preset, {args.steps} steps of 1 labeled + 4 "
+        "unlabeled images at ~160 px, 2 torch threads, no evaluation.\n\n" + text + "\n"
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
