@@ -35,9 +35,7 @@ def _cfg_at(short_side: int, method: str) -> ExperimentConfig:
     )
 
 
-def measure_speed(
-    short_side: int, steps: int, warmup: int, init: Path | None
-) -> dict[str, float]:
+def measure_speed(short_side: int, steps: int, warmup: int, init: Path | None) -> dict[str, float]:
     """Steps/s and images/s of one supervised and one full soft-teacher step (1 + 4 images),
     data preparation excluded (batches are prepared before the clock starts). A teacher from
     random init proposes no pseudo boxes, so ``init`` (a trained run's checkpoint folder)
@@ -49,12 +47,21 @@ def measure_speed(
         labeled, unlabeled, _ = fold.load()
         n_labeled, n_unlabeled = cfg.step_batch_sizes()
         device = torch.device("cpu")
-        lab = [collate_labeled(b, device) for b in itertools.islice(
-            batched(labeled_stream(labeled, cfg.augment, 0), n_labeled), warmup + steps)]
+        lab = [
+            collate_labeled(b, device)
+            for b in itertools.islice(
+                batched(labeled_stream(labeled, cfg.augment, 0), n_labeled), warmup + steps
+            )
+        ]
         unl = [None] * (warmup + steps)
         if n_unlabeled:
-            unl = [collate_unlabeled(b, device) for b in itertools.islice(
-                batched(unlabeled_stream(unlabeled, cfg.augment, 1), n_unlabeled), warmup + steps)]
+            unl = [
+                collate_unlabeled(b, device)
+                for b in itertools.islice(
+                    batched(unlabeled_stream(unlabeled, cfg.augment, 1), n_unlabeled),
+                    warmup + steps,
+                )
+            ]
         trainer = SoftTeacherTrainer(cfg, device)
         if init is not None:
             state = torch.load(init / CHECKPOINT_FILE, map_location=device, weights_only=False)
@@ -79,29 +86,45 @@ def learning_curve(percents: list[float], steps: int) -> dict[float, dict[str, f
     for percent in percents:
         cfg = preset("cpu").replace(
             method={"method": "supervised"},
-            train={"max_steps": steps, "eval_every": steps, "ckpt_every": steps, "log_every": 100,
-                   "max_val_images": None},
+            train={
+                "max_steps": steps,
+                "eval_every": steps,
+                "ckpt_every": steps,
+                "log_every": 100,
+                "max_val_images": None,
+            },
             optim={"warmup_steps": 100, "decay_steps": (int(steps * 0.8),)},
         )
         fold = synthetic_folds(DATA, cfg.synthetic, [percent], [1])[0]
         start = time.perf_counter()
-        metrics = run_single_process(cfg, fold, checkpoint_dir=DATA / "bench" / f"curve-{percent:g}")
+        metrics = run_single_process(
+            cfg, fold, checkpoint_dir=DATA / "bench" / f"curve-{percent:g}"
+        )
         metrics["minutes"] = (time.perf_counter() - start) / 60
         curve[percent] = metrics
-        print(f"{percent:g}% labeled: teacher mAP {metrics['teacher/AP']:.1f}, "
-              f"student mAP {metrics['student/AP']:.1f} ({metrics['minutes']:.1f} min)", flush=True)
+        print(
+            f"{percent:g}% labeled: teacher mAP {metrics['teacher/AP']:.1f}, "
+            f"student mAP {metrics['student/AP']:.1f} ({metrics['minutes']:.1f} min)",
+            flush=True,
+        )
     return curve
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     speed = sub.add_parser("speed")
     speed.add_argument("--sizes", default="256,160")
     speed.add_argument("--steps", type=int, default=20)
     speed.add_argument("--warmup", type=int, default=3)
-    speed.add_argument("--init", type=Path, default=None,
-                       help="checkpoint folder of a trained run, e.g. data/bench/curve-100")
+    speed.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="checkpoint folder of a trained run, e.g. data/bench/curve-100",
+    )
     curve = sub.add_parser("curve")
     curve.add_argument("--percents", default="1,10,100")
     curve.add_argument("--steps", type=int, default=600)
@@ -109,27 +132,39 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     if args.command == "speed":
-        lines = ["| image short side | method | steps/s | images/s | teacher candidates/image |",
-                 "|---|---|---|---|---|"]
+        lines = [
+            "| image short side | method | steps/s | images/s | teacher candidates/image |",
+            "|---|---|---|---|---|",
+        ]
         for size in (int(s) for s in args.sizes.split(",")):
             figures = measure_speed(size, args.steps, args.warmup, args.init)
             for method in ("supervised", "soft_teacher_jitter"):
-                row = (f"| {size} | {method} | {figures[f'{method} steps/s']:.2f} | "
-                       f"{figures[f'{method} images/s']:.2f} | "
-                       f"{figures[f'{method} candidates']:.1f} |")
+                row = (
+                    f"| {size} | {method} | {figures[f'{method} steps/s']:.2f} | "
+                    f"{figures[f'{method} images/s']:.2f} | "
+                    f"{figures[f'{method} candidates']:.1f} |"
+                )
                 print(row, flush=True)
                 lines.append(row)
         out = RESULTS / "core_speed.md"
         out.write_text(f"Slim preset, {threads} torch threads, CPU.\n\n" + "\n".join(lines) + "\n")
     else:
         results = learning_curve([float(p) for p in args.percents.split(",")], args.steps)
-        lines = ["| labeled | steps | teacher mAP | student mAP | minutes |", "|---|---|---|---|---|"]
+        lines = [
+            "| labeled | steps | teacher mAP | student mAP | minutes |",
+            "|---|---|---|---|---|",
+        ]
         for percent, m in results.items():
-            lines.append(f"| {percent:g}% | {args.steps} | {m['teacher/AP']:.1f} | "
-                         f"{m['student/AP']:.1f} | {m['minutes']:.1f} |")
+            lines.append(
+                f"| {percent:g}% | {args.steps} | {m['teacher/AP']:.1f} | "
+                f"{m['student/AP']:.1f} | {m['minutes']:.1f} |"
+            )
         out = RESULTS / "core_learning_curve.md"
-        out.write_text(f"Supervised slim preset, default synthetic set, {threads} torch threads.\n\n"
-                       + "\n".join(lines) + "\n")
+        out.write_text(
+            f"Supervised slim preset, default synthetic set, {threads} torch threads.\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
     print(f"wrote {out}")
 
 

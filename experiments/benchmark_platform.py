@@ -45,8 +45,11 @@ def steady_images_per_s(values: list[float]) -> float:
 def single_process(cfg: ExperimentConfig, fold) -> tuple[float, float]:
     speeds: list[float] = []
     start = time.perf_counter()
-    run_single_process(cfg, fold, log=lambda step, m: speeds.append(m["images_per_s"])
-                       if "images_per_s" in m else None)
+    run_single_process(
+        cfg,
+        fold,
+        log=lambda step, m: speeds.append(m["images_per_s"]) if "images_per_s" in m else None,
+    )
     return steady_images_per_s(speeds), time.perf_counter() - start
 
 
@@ -63,8 +66,11 @@ def under_ray(cfg: ExperimentConfig, fold, workdir: Path) -> tuple[float, float]
         "unlabeled": unlabeled_dataset(unlabeled_shards, cfg.augment, seed=1),
     }
     trainer = build_torch_trainer(
-        job, WorkerResources(num_workers=1, cpus_per_worker=cpus), datasets,
-        run_name="benchmark", storage_path=workdir / "train",
+        job,
+        WorkerResources(num_workers=1, cpus_per_worker=cpus),
+        datasets,
+        run_name="benchmark",
+        storage_path=workdir / "train",
     )
     start = time.perf_counter()
     trainer.fit()
@@ -74,7 +80,9 @@ def under_ray(cfg: ExperimentConfig, fold, workdir: Path) -> tuple[float, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     cfg = _config(args.steps)
@@ -91,7 +99,7 @@ def main() -> None:
         "| loop | steady images/s | wall s | fixed cost s (wall - images / speed) |",
         "|---|---|---|---|",
         f"| single process | {local_speed:.2f} | {local_wall:.1f} | {local_fixed:.1f} |",
-        f"| Ray Train, 1 worker, Ray Data stream | {ray_speed:.2f} | {ray_wall:.1f} | {ray_fixed:.1f} |",
+        f"| Ray Train, 1 worker, Ray Data | {ray_speed:.2f} | {ray_wall:.1f} | {ray_fixed:.1f} |",
         "",
         f"Ray / single-process images/s: {ray_speed / local_speed:.2f}; "
         f"Ray's extra fixed cost a run: {ray_fixed - local_fixed:.1f} s.",

@@ -1,8 +1,9 @@
 """The whole protocol: for each labeled ratio and fold, a Ray Tune sweep of the thresholds.
 
-    python experiments/fold_sweep.py --ratios 1,5,10
-    python experiments/fold_sweep.py --preset smoke --ratios 10 --folds 1 --baseline
-    python experiments/fold_sweep.py --coco-root /data/coco --preset paper --workers 8 --gpus-per-worker 1
+python experiments/fold_sweep.py --ratios 1,5,10
+python experiments/fold_sweep.py --preset smoke --ratios 10 --folds 1 --baseline
+python experiments/fold_sweep.py --coco-root /data/coco --preset paper \
+        --workers 8 --gpus-per-worker 1
 """
 
 from __future__ import annotations
@@ -34,31 +35,63 @@ def _methods(text: str) -> tuple[str, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="smoke (tests), cpu (default without a GPU), paper (R50-FPN, COCO)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="smoke (tests), cpu (default without a GPU), paper (R50-FPN, COCO)",
+    )
     parser.add_argument("--ratios", type=_floats, default=(1.0, 5.0, 10.0), help="labeled percents")
     parser.add_argument("--folds", type=_ints, default=(1, 2, 3, 4, 5))
-    parser.add_argument("--method", type=_methods, default=("soft_teacher_jitter",),
-                        help=f"comma-separated, from {', '.join(METHODS)}")
-    parser.add_argument("--fg-thr", type=_floats, default=None, help="foreground thresholds to sweep")
-    parser.add_argument("--var-thr", type=_floats, default=None, help="box-variance thresholds to sweep")
-    parser.add_argument("--baseline", action="store_true", help="add the supervised run per (ratio, fold)")
-    parser.add_argument("--coco-root", type=Path, default=None,
-                        help="a COCO 2017 layout (train2017/, val2017/, annotations/); default: synthetic")
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (0: local mode)")
+    parser.add_argument(
+        "--method",
+        type=_methods,
+        default=("soft_teacher_jitter",),
+        help=f"comma-separated, from {', '.join(METHODS)}",
+    )
+    parser.add_argument(
+        "--fg-thr", type=_floats, default=None, help="foreground thresholds to sweep"
+    )
+    parser.add_argument(
+        "--var-thr", type=_floats, default=None, help="box-variance thresholds to sweep"
+    )
+    parser.add_argument(
+        "--baseline", action="store_true", help="add the supervised run per (ratio, fold)"
+    )
+    parser.add_argument(
+        "--coco-root",
+        type=Path,
+        default=None,
+        help="a COCO 2017 layout (train2017/, val2017/, annotations/); default: synthetic",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="Ray Train workers per trial (0: local mode)"
+    )
     parser.add_argument("--cpus-per-worker", type=float, default=None)
     parser.add_argument("--gpus-per-worker", type=float, default=None)
-    parser.add_argument("--max-failures", type=int, default=2, help="worker restarts from the last checkpoint")
-    parser.add_argument("--max-steps", type=int, default=None, help="override the preset's schedule length")
+    parser.add_argument(
+        "--max-failures", type=int, default=2, help="worker restarts from the last checkpoint"
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="override the preset's schedule length"
+    )
     parser.add_argument("--ckpt-every", type=int, default=None)
-    parser.add_argument("--address", default=None, help="join a running cluster ('auto'); default: start one")
-    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local cluster")
+    parser.add_argument(
+        "--address", default=None, help="join a running cluster ('auto'); default: start one"
+    )
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="logical CPUs of a local cluster"
+    )
     parser.add_argument("--dashboard-port", type=int, default=8265, help="of a local cluster")
     parser.add_argument("--results-dir", type=Path, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--experiment", default="fold_sweep", help="MLflow experiment name")
-    parser.add_argument("--name", default=None, help="sweep name (default: derived from the settings)")
+    parser.add_argument(
+        "--name", default=None, help="sweep name (default: derived from the settings)"
+    )
     return parser.parse_args(argv)
 
 
@@ -104,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_from_args(args)
     dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
     if dashboard:
-        print(f"Ray dashboard: {dashboard} (token: `ray get-auth-token`; Train view lists the runs)")
+        print(
+            f"Ray dashboard: {dashboard} (token: `ray get-auth-token`; Train view lists the runs)"
+        )
     run_sweep(settings)
 
 

@@ -3,8 +3,6 @@ one worker of a 2-worker run."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import ray
 from mlflow.tracking import MlflowClient

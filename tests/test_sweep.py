@@ -29,10 +29,24 @@ def _sweep(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     command = [
-        sys.executable, str(ROOT / "experiments" / "fold_sweep.py"),
-        "--preset", "smoke", "--ratios", "10", "--folds", "1", "--baseline",
-        "--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data"),
-        "--num-cpus", "4", "--dashboard-port", str(_free_port()), *extra,
+        sys.executable,
+        str(ROOT / "experiments" / "fold_sweep.py"),
+        "--preset",
+        "smoke",
+        "--ratios",
+        "10",
+        "--folds",
+        "1",
+        "--baseline",
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--num-cpus",
+        "4",
+        "--dashboard-port",
+        str(_free_port()),
+        *extra,
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
 

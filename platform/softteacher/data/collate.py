@@ -42,7 +42,9 @@ def collate_labeled(samples: Sequence[LabeledSample], device: torch.device) -> D
         images=[image_tensor(s.image, device) for s in samples],
         targets=[
             {
-                "boxes": torch.as_tensor(s.boxes, dtype=torch.float32, device=device).reshape(-1, 4),
+                "boxes": torch.as_tensor(s.boxes, dtype=torch.float32, device=device).reshape(
+                    -1, 4
+                ),
                 "labels": torch.as_tensor(s.labels, dtype=torch.int64, device=device).reshape(-1),
             }
             for s in samples

@@ -6,9 +6,9 @@ layout (``train2017/``, ``val2017/``, ``annotations/``); the folds are made here
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +49,20 @@ def synthetic_folds(
     data_root: Path, cfg: SyntheticConfig, percents: Iterable[float], folds: Iterable[int]
 ) -> list[FoldData]:
     """The embedded default: the synthetic set for ``cfg`` (reused when it exists) and its folds."""
-    key = hashlib.sha256(
-        json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
-    ).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[
+        :10
+    ]
     dataset = ensure_synthetic_coco(Path(data_root) / f"synthetic-{key}", cfg)
     files = write_folds(dataset.train_ann, dataset.root / "folds", percents, folds)
     return [
         FoldData(
-            f.percent, f.fold, f.labeled, f.unlabeled,
-            dataset.val_ann, dataset.train_images, dataset.val_images,
+            f.percent,
+            f.fold,
+            f.labeled,
+            f.unlabeled,
+            dataset.val_ann,
+            dataset.train_images,
+            dataset.val_images,
         )
         for f in files
     ]
@@ -79,8 +84,13 @@ def coco_folds(
     files = write_folds(train_ann, Path(fold_dir), percents, folds)
     return [
         FoldData(
-            f.percent, f.fold, f.labeled, f.unlabeled,
-            val_ann, root / "train2017", root / "val2017",
+            f.percent,
+            f.fold,
+            f.labeled,
+            f.unlabeled,
+            val_ann,
+            root / "train2017",
+            root / "val2017",
         )
         for f in files
     ]

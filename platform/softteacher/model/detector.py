@@ -160,7 +160,9 @@ def box_head_outputs(
     return heads.box_predictor(heads.box_head(pooled))
 
 
-def decode_class_boxes(detector: FasterRCNN, deltas: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
+def decode_class_boxes(
+    detector: FasterRCNN, deltas: Tensor, boxes: Tensor, labels: Tensor
+) -> Tensor:
     """Boxes refined by the regression of each box's own class: ``refine`` of Eq. 7."""
     decoded = detector.roi_heads.box_coder.decode(deltas, [boxes])
     return decoded[torch.arange(len(labels), device=labels.device), labels]

@@ -121,9 +121,7 @@ def teacher_background_prob(
     """The teacher's background probability (raw softmax, no NMS) of the student's sampled
     boxes, each mapped from its strong view into the weak view the teacher saw (BG-T)."""
     weak_boxes = [
-        transfer_boxes(
-            boxes, batch.strong_matrices[i], batch.weak_matrices[i], view.image_sizes[i]
-        )
+        transfer_boxes(boxes, batch.strong_matrices[i], batch.weak_matrices[i], view.image_sizes[i])
         for i, boxes in enumerate(strong_boxes)
     ]
     logits, _ = box_head_outputs(teacher, view.features, weak_boxes, view.image_sizes)

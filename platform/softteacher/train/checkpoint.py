@@ -17,7 +17,9 @@ from softteacher.train.trainer import SoftTeacherTrainer
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def save_checkpoint(trainer: SoftTeacherTrainer, directory: Path, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    trainer: SoftTeacherTrainer, directory: Path, extra: dict | None = None
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CHECKPOINT_FILE
     state = trainer.state_dict() | {"extra": extra or {}}
