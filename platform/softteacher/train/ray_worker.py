@@ -25,6 +25,7 @@ from softteacher.eval.models import evaluate_teacher_and_student
 from softteacher.track.mlflow_runs import RunRef, log_metrics, set_tags
 from softteacher.train.checkpoint import load_checkpoint, save_checkpoint
 from softteacher.train.loop import LoopHooks, Metrics, fit
+from softteacher.train.progress_metrics import ProgressGauges
 from softteacher.train.trainer import SoftTeacherTrainer
 
 
@@ -117,9 +118,13 @@ def train_loop_per_worker(config: dict) -> None:
     latest_eval: Metrics = {}
     latest_speed: Metrics = {}
 
+    gauges = ProgressGauges(context.get_experiment_name()) if is_rank_zero else None
+
     def log(step: int, metrics: Metrics) -> None:
         if is_rank_zero and job.tracking is not None:
             log_metrics(job.tracking, metrics, step)
+        if gauges is not None:
+            gauges.update(step, metrics)
         if "images_per_s" in metrics:
             latest_speed["images_per_s"] = metrics["images_per_s"]
         # Every worker reports at the same steps: a report is a barrier in Ray Train.
