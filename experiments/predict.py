@@ -1,0 +1,78 @@
+"""Draw a trained run's detections (class, score) on a folder of images (the paper's Figure 4).
+
+    python experiments/predict.py --run RUN_ID --images DIR --out DIR
+    python experiments/predict.py --run RUN_ID --images val/ --out out/ --ann instances_val.json
+
+The run is a sweep trial's MLflow run: its ``summary.json`` artifact names the final Ray
+checkpoint and its ``config.json`` the detector to rebuild. One ``<image name>.png`` is
+written to OUT per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from softteacher.data.coco import CocoFormatError
+from softteacher.data.images import CorruptImageError
+from softteacher.eval.inference import RunArtifactError, load_detector, run_checkpoint
+from softteacher.eval.overlays import (
+    ClassNamesError,
+    ImageFolderError,
+    class_names_for,
+    predict_folder,
+)
+
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", required=True, help="MLflow run id of a sweep trial")
+    parser.add_argument("--images", type=Path, required=True, help="folder of images")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the overlays")
+    parser.add_argument(
+        "--tracking-uri", default=None,
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else experiments/results/mlflow.db)",
+    )
+    parser.add_argument("--min-score", type=float, default=0.5, help="draw detections from here")
+    parser.add_argument("--model", choices=("teacher", "student"), default="teacher")
+    parser.add_argument(
+        "--ann", type=Path, default=None,
+        help="a COCO file whose categories name the classes (default: 'class k')",
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="the Ray checkpoint directory, when it moved since the run logged it",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from softteacher.track.mlflow_runs import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(DEFAULT_RESULTS_DIR)
+    try:
+        run = run_checkpoint(uri, args.run)
+        model = load_detector(args.checkpoint or run.checkpoint_dir, run.config, args.model)
+        names = class_names_for(run.config.detector.num_classes, args.ann)
+        written = predict_folder(
+            model, args.images, args.out, run.config.augment, names, min_score=args.min_score
+        )
+    except (
+        RunArtifactError, ImageFolderError, ClassNamesError, CocoFormatError, CorruptImageError
+    ) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    print(f"{len(written)} overlays of the {args.model} of run {args.run} in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
