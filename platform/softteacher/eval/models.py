@@ -1,20 +1,46 @@
-"""Evaluation of a run's two models, teacher and student, on the val set."""
+"""Evaluation of a run at an evaluation step: both models on val, and the teacher's pseudo
+labels against the unlabeled images' hidden ground truth (paper Fig. 3)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from softteacher.config import ExperimentConfig
 from softteacher.data.coco import CocoDataset
 from softteacher.eval.coco_eval import evaluate
+from softteacher.eval.pseudo_quality import measure_pseudo_labels
 from softteacher.train.trainer import SoftTeacherTrainer
 
 
-def evaluate_teacher_and_student(
-    trainer: SoftTeacherTrainer, val: CocoDataset, cfg: ExperimentConfig
-) -> dict[str, float]:
-    """``teacher/AP`` ... ``student/APl``: the original reports the student, MMDetection 3
-    the teacher (usually the better one); the platform reports both."""
+@dataclass
+class RunEvaluation:
+    """Scalar metrics for the trackers, and per-box samples for the Fig. 3 scatter plots."""
+
+    metrics: dict[str, float]
+    box_samples: list[dict] = field(default_factory=list)
+
+
+def evaluate_run(
+    trainer: SoftTeacherTrainer,
+    val: CocoDataset,
+    unlabeled: CocoDataset | None,
+    cfg: ExperimentConfig,
+) -> RunEvaluation:
+    """``teacher/AP`` ... ``student/APl`` (the original reports the student, MMDetection 3
+    the teacher; the platform reports both) and, when the method uses unlabeled data and
+    the unlabeled set is given, ``pseudo_quality/*`` of the teacher's pseudo boxes."""
     metrics: dict[str, float] = {}
     for name, model in (("teacher", trainer.teacher), ("student", trainer.student)):
         scores = evaluate(model, val, cfg.augment, max_images=cfg.train.max_val_images)
         metrics.update({f"{name}/{key}": value for key, value in scores.items()})
-    return metrics
+    samples: list[dict] = []
+    if unlabeled is not None and cfg.method.uses_unlabeled and cfg.train.pseudo_quality_images:
+        quality, samples = measure_pseudo_labels(
+            trainer.teacher,
+            unlabeled,
+            cfg.method,
+            cfg.augment,
+            max_images=cfg.train.pseudo_quality_images,
+        )
+        metrics.update(quality)
+    return RunEvaluation(metrics, samples)

@@ -13,7 +13,7 @@ from softteacher.config import ExperimentConfig
 from softteacher.data.collate import UnlabeledBatch, collate_labeled, collate_unlabeled
 from softteacher.data.protocol import FoldData
 from softteacher.data.streams import batched, labeled_stream, unlabeled_stream
-from softteacher.eval.models import evaluate_teacher_and_student
+from softteacher.eval.models import evaluate_run
 from softteacher.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from softteacher.train.loop import LoopHooks, Metrics, fit
 from softteacher.train.trainer import SoftTeacherTrainer
@@ -61,7 +61,7 @@ def run_single_process(
 
     hooks = LoopHooks(
         log=log,
-        evaluate=lambda t: evaluate_teacher_and_student(t, val, cfg),
+        evaluate=lambda t: evaluate_run(t, val, unlabeled, cfg).metrics,
         checkpoint=checkpoint,
     )
     return fit(trainer, zip(labeled_batches, unlabeled_batches), hooks)

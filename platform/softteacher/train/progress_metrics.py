@@ -20,9 +20,7 @@ class ProgressGauges:
     def __init__(self, run_name: str) -> None:
         self._tags = {"run": run_name}
         self._gauges = {
-            key: Gauge(
-                "softteacher_" + key.replace("/", "_"), description=text, tag_keys=("run",)
-            )
+            key: Gauge("softteacher_" + key.replace("/", "_"), description=text, tag_keys=("run",))
             for key, text in _GAUGES.items()
         }
 

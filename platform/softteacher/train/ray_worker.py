@@ -19,10 +19,17 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from softteacher.config import ExperimentConfig
-from softteacher.data.coco import load_coco
+from softteacher.data.coco import CocoDataset, load_coco
 from softteacher.data.ray_stream import StepBatches
-from softteacher.eval.models import evaluate_teacher_and_student
-from softteacher.track.mlflow_runs import RunRef, log_metrics, set_tags
+from softteacher.eval.models import RunEvaluation, evaluate_run
+from softteacher.eval.overlays import overlay_artifacts
+from softteacher.track.mlflow_runs import (
+    RunRef,
+    log_file_artifact,
+    log_json_artifact,
+    log_metrics,
+    set_tags,
+)
 from softteacher.train.checkpoint import load_checkpoint, save_checkpoint
 from softteacher.train.loop import LoopHooks, Metrics, fit
 from softteacher.train.progress_metrics import ProgressGauges
@@ -38,26 +45,34 @@ class WorkerJob:
     val_images: str
     threads_per_worker: int
     tracking: RunRef | None = None
+    # the unlabeled fold file keeps its annotations: rank 0 measures pseudo-label quality
+    unlabeled_ann: str | None = None
+    train_images: str | None = None
 
     def to_dict(self) -> dict:
-        return {
-            "experiment": self.experiment.to_dict(),
-            "val_ann": self.val_ann,
-            "val_images": self.val_images,
-            "threads_per_worker": self.threads_per_worker,
-            "tracking": dataclasses.asdict(self.tracking) if self.tracking else None,
-        }
+        data = dataclasses.asdict(self)
+        data["experiment"] = self.experiment.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> WorkerJob:
         tracking = data.get("tracking")
         return cls(
-            experiment=ExperimentConfig.from_dict(data["experiment"]),
-            val_ann=data["val_ann"],
-            val_images=data["val_images"],
-            threads_per_worker=int(data["threads_per_worker"]),
-            tracking=RunRef(**tracking) if tracking else None,
+            **(
+                data
+                | {
+                    "experiment": ExperimentConfig.from_dict(data["experiment"]),
+                    "tracking": RunRef(**tracking) if tracking else None,
+                }
+            )
         )
+
+    def load_eval_sets(self) -> tuple[CocoDataset, CocoDataset | None]:
+        val = load_coco(Path(self.val_ann), Path(self.val_images))
+        unlabeled = None
+        if self.unlabeled_ann and self.train_images:
+            unlabeled = load_coco(Path(self.unlabeled_ann), Path(self.train_images))
+        return val, unlabeled
 
 
 @dataclass(frozen=True)
@@ -114,7 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
         seed=cfg.train.seed + context.get_world_rank(),
         start_epoch=position,
     )
-    val = load_coco(Path(job.val_ann), Path(job.val_images)) if is_rank_zero else None
+    val, unlabeled = job.load_eval_sets() if is_rank_zero else (None, None)
     latest_eval: Metrics = {}
     latest_speed: Metrics = {}
 
@@ -133,8 +148,11 @@ def train_loop_per_worker(config: dict) -> None:
     def evaluate(trainer: SoftTeacherTrainer) -> Metrics:
         if val is None:
             return {}
-        latest_eval.update(evaluate_teacher_and_student(trainer, val, cfg))
+        evaluation = evaluate_run(trainer, val, unlabeled, cfg)
+        latest_eval.update(evaluation.metrics)
         latest_eval["eval_step"] = trainer.step_count
+        if trainer.step_count == cfg.train.max_steps and job.tracking is not None:
+            log_final_artifacts(job.tracking, trainer, val, evaluation, cfg)
         return dict(latest_eval)
 
     def save(trainer: SoftTeacherTrainer, metrics: Metrics) -> None:
@@ -148,6 +166,22 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(report, checkpoint=Checkpoint.from_directory(directory))
 
     fit(trainer, batches, LoopHooks(log=log, evaluate=evaluate, checkpoint=save))
+
+
+def log_final_artifacts(
+    run: RunRef,
+    trainer: SoftTeacherTrainer,
+    val: CocoDataset,
+    evaluation: RunEvaluation,
+    cfg: ExperimentConfig,
+) -> None:
+    """The last evaluation's pseudo-box samples (Fig. 3b/3c) and a few val images with the
+    teacher's detections drawn on them (Fig. 4)."""
+    if evaluation.box_samples:
+        log_json_artifact(run, "pseudo_quality_boxes.json", {"boxes": evaluation.box_samples})
+    with tempfile.TemporaryDirectory() as directory:
+        for path in overlay_artifacts(trainer.teacher, val, cfg.augment, Path(directory), n=4):
+            log_file_artifact(run, path, artifact_path="overlays")
 
 
 def _prepare_ddp(module: torch.nn.Module) -> torch.nn.Module:
