@@ -12,7 +12,6 @@ import contextlib
 import io
 import math
 
-import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -21,7 +20,7 @@ from softteacher.config import AugmentConfig
 from softteacher.data.coco import CocoDataset
 from softteacher.data.images import load_image
 from softteacher.data.samples import ImageRecord
-from softteacher.data.transforms import resize_for_test
+from softteacher.eval.inference import Detections, detect
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -45,26 +44,13 @@ def predict(
     image in the input's pixels. The first ``max_images`` records are used when given. The
     model's train/eval mode is restored afterwards, so it is safe to call mid-training.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     records = _first_records(dataset, max_images)
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
     detections: list[dict] = []
-    try:
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            inputs = []
-            for record in chunk:
-                image = load_image(dataset.image_path(record), (record.width, record.height))
-                view, _ = resize_for_test(image, cfg)
-                inputs.append(_to_tensor(view, device))
-            outputs = model(inputs)
-            for record, view, output in zip(chunk, inputs, outputs, strict=True):
-                detections.extend(_to_coco(record, output, view.shape[1:], dataset))
-    finally:
-        model.train(was_training)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images = [load_image(dataset.image_path(r), (r.width, r.height)) for r in chunk]
+        for record, found in zip(chunk, detect(model, images, cfg, batch_size=batch_size)):
+            detections.extend(_to_coco(record, found, dataset))
     return detections
 
 
@@ -110,35 +96,9 @@ def _first_records(dataset: CocoDataset, max_images: int | None) -> list[ImageRe
     return records if max_images is None else records[:max_images]
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def _to_tensor(view: np.ndarray, device: torch.device) -> torch.Tensor:
-    """HWC uint8 -> CHW float in [0, 1] on the model's device (converted there, once)."""
-    pixels = np.require(view, dtype=np.uint8, requirements=["C", "W"])
-    return torch.from_numpy(pixels).to(device).permute(2, 0, 1).float().div_(255.0)
-
-
-def _to_coco(
-    record: ImageRecord,
-    output: dict[str, torch.Tensor],
-    view_size: tuple[int, int],
-    dataset: CocoDataset,
-) -> list[dict]:
-    """One image's detections in original pixels (clipped to the image) and category ids.
-
-    Each axis is scaled back by its own size ratio, as the test resize scaled it: the single
-    scale ``resize_for_test`` returns is off by up to half a view pixel on the rounded side.
-    """
-    view_height, view_width = view_size
-    to_original = np.array([record.width / view_width, record.height / view_height] * 2)
-    boxes = output["boxes"].detach().to("cpu", torch.float64).numpy().reshape(-1, 4) * to_original
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0.0, record.width)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0.0, record.height)
-    labels = output["labels"].detach().cpu().tolist()
-    scores = output["scores"].detach().cpu().tolist()
+def _to_coco(record: ImageRecord, found: Detections, dataset: CocoDataset) -> list[dict]:
+    """One image's detections (already in its own pixels) with COCO category ids."""
+    boxes, labels, scores = found.boxes, found.labels.tolist(), found.scores.tolist()
     detections = []
     for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), labels, scores, strict=True):
         if label not in dataset.label_to_cat_id:
