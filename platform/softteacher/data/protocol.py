@@ -49,23 +49,13 @@ def synthetic_folds(
     data_root: Path, cfg: SyntheticConfig, percents: Iterable[float], folds: Iterable[int]
 ) -> list[FoldData]:
     """The embedded default: the synthetic set for ``cfg`` (reused when it exists) and its folds."""
-    key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[
-        :10
-    ]
+    identity = json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
+    key = hashlib.sha256(identity).hexdigest()[:10]
     dataset = ensure_synthetic_coco(Path(data_root) / f"synthetic-{key}", cfg)
-    files = write_folds(dataset.train_ann, dataset.root / "folds", percents, folds)
-    return [
-        FoldData(
-            f.percent,
-            f.fold,
-            f.labeled,
-            f.unlabeled,
-            dataset.val_ann,
-            dataset.train_images,
-            dataset.val_images,
-        )
-        for f in files
-    ]
+    return _folds_of(
+        dataset.train_ann, dataset.root / "folds", percents, folds,
+        dataset.val_ann, dataset.train_images, dataset.val_images,
+    )
 
 
 def coco_folds(
@@ -81,16 +71,22 @@ def coco_folds(
                 f"{path} not found; --coco-root must hold train2017/, val2017/ and "
                 "annotations/instances_{train,val}2017.json (the official COCO 2017 layout)"
             )
-    files = write_folds(train_ann, Path(fold_dir), percents, folds)
+    return _folds_of(
+        train_ann, Path(fold_dir), percents, folds, val_ann, root / "train2017", root / "val2017"
+    )
+
+
+def _folds_of(
+    train_ann: Path,
+    fold_dir: Path,
+    percents: Iterable[float],
+    folds: Iterable[int],
+    val_ann: Path,
+    train_images: Path,
+    val_images: Path,
+) -> list[FoldData]:
+    files = write_folds(train_ann, fold_dir, percents, folds)
     return [
-        FoldData(
-            f.percent,
-            f.fold,
-            f.labeled,
-            f.unlabeled,
-            val_ann,
-            root / "train2017",
-            root / "val2017",
-        )
+        FoldData(f.percent, f.fold, f.labeled, f.unlabeled, val_ann, train_images, val_images)
         for f in files
     ]
