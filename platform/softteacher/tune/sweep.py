@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+import ray.train
+import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from softteacher.config import ExperimentConfig, preset
+from softteacher.data.coco import load_coco
 from softteacher.data.protocol import FoldData, coco_folds, synthetic_folds
 from softteacher.data.ray_stream import (
     DATA_ACTOR_CPUS,
@@ -37,6 +41,7 @@ from softteacher.track.mlflow_runs import (
     git_commit,
     log_final_metrics,
     log_json_artifact,
+    log_metrics,
     resume_parent_run,
     run_status,
     start_parent_run,
@@ -48,6 +53,7 @@ from softteacher.track.tables import (
     summarize,
     write_tables,
 )
+from softteacher.train.multi_stage import PseudoLabelReport, label_fold_from_checkpoint
 from softteacher.train.ray_worker import WorkerJob, WorkerResources, build_torch_trainer
 from softteacher.tune.progress import TrialEventPrinter
 
@@ -283,7 +289,8 @@ def max_concurrent_trials(resources: WorkerResources) -> int:
 
 
 def run_trial(config: dict) -> None:
-    """One Tune trial: a child MLflow run and a fitted ``TorchTrainer``."""
+    """One Tune trial: a child MLflow run and a fitted ``TorchTrainer`` (two for
+    ``multi_stage``, with the offline pseudo-labeling between them)."""
     settings = SweepSettings.from_dict(config["settings"])
     spec = TrialSpec(**config["trial"])
     parent = RunRef(**config["parent"])
@@ -300,30 +307,26 @@ def run_trial(config: dict) -> None:
         tune.report(_final_metrics_of(child) | {"final": 1.0})
         return
     log_json_artifact(child, "config.json", cfg.to_dict())
-    job = WorkerJob(
-        experiment=cfg,
-        val_ann=str(prepared.data.val_ann),
-        val_images=str(prepared.data.val_images),
-        threads_per_worker=max(1, int(settings.resources.cpus_per_worker)),
-        tracking=child,
-    )
-    datasets = {"labeled": labeled_dataset(prepared.labeled, cfg.augment, seed=cfg.train.seed)}
-    if cfg.method.uses_unlabeled:
-        datasets["unlabeled"] = unlabeled_dataset(
-            prepared.unlabeled, cfg.augment, seed=cfg.train.seed + 1
+    run_name = f"{settings.name}-{spec.name}"
+    summary: dict = {"trial": dataclasses.asdict(spec)}
+    if spec.method == "multi_stage":
+        result, summary["multi_stage"] = _fit_multi_stage(
+            settings, spec, cfg, prepared, child, run_name
         )
-    trainer = build_torch_trainer(
-        job,
-        settings.resources,
-        datasets,
-        run_name=f"{settings.name}-{spec.name}",
-        storage_path=Path(settings.results_dir) / "ray" / "train",
-        callbacks=[TuneReportCallback()],
-    )
-    result = trainer.fit()
-    final = {k: float(v) for k, v in (result.metrics or {}).items() if k in FINAL_METRICS}
+    else:
+        result = _fit_run(
+            settings,
+            cfg,
+            prepared.data,
+            prepared.labeled,
+            prepared.unlabeled if cfg.method.uses_unlabeled else None,
+            run_name=run_name,
+            tracking=child,
+            callbacks=[TuneReportCallback()],
+        )
+    final = _final_metrics_of_result(result)
     log_final_metrics(child, final)
-    summary = {"trial": dataclasses.asdict(spec), "metrics": final}
+    summary["metrics"] = final
     if result.checkpoint is not None:
         summary["checkpoint"] = result.checkpoint.path
     log_json_artifact(child, "summary.json", summary)
@@ -342,7 +345,9 @@ def _final_metrics_of(run: RunRef) -> dict[str, float]:
 
 def _trial_result(trial: FinishedTrial) -> TrialResult:
     spec = trial.spec
-    return TrialResult(spec.ratio, spec.fold, spec.method, spec.fg_thr, spec.var_thr, trial.metrics)
+    return TrialResult(
+        spec.ratio, spec.fold, _method_label(spec), spec.fg_thr, spec.var_thr, trial.metrics
+    )
 
 
 def _fold_key(ratio: float, fold: int) -> str:
@@ -383,3 +388,151 @@ def _shards_from_dict(data: dict) -> ShardSet:
         key=data["key"],
     )
 
+
+def _method_label(spec: TrialSpec) -> str:
+    """The method as the sweep table names it: a trial that sets its own indicator or jitter
+    count gets them appended (``soft_teacher+iou``, ``soft_teacher_jitter+nj5``), so that the
+    rows of an indicator or n_jitter ablation stay apart instead of counting as one setting's
+    repeated fold."""
+    label = spec.method
+    if spec.indicator is not None:
+        label += f"+{spec.indicator}"
+    if spec.n_jitter is not None:
+        label += f"+nj{spec.n_jitter}"
+    return label
+
+
+def _fit_run(
+    settings: SweepSettings,
+    cfg: ExperimentConfig,
+    fold: FoldData,
+    labeled: ShardSet,
+    unlabeled: ShardSet | None,
+    *,
+    run_name: str,
+    tracking: RunRef | None,
+    callbacks: list,
+) -> ray.train.Result:
+    """One ``TorchTrainer`` run on ``labeled`` (and ``unlabeled`` when given), evaluated on
+    the fold's val set; ``run_name`` must be unique to the run (Ray Train resumes by name)."""
+    job = WorkerJob(
+        experiment=cfg,
+        val_ann=str(fold.val_ann),
+        val_images=str(fold.val_images),
+        threads_per_worker=_threads_per_worker(settings.resources),
+        tracking=tracking,
+        unlabeled_ann=str(fold.unlabeled_ann),
+        train_images=str(fold.train_images),
+    )
+    datasets = {"labeled": labeled_dataset(labeled, cfg.augment, seed=cfg.train.seed)}
+    if unlabeled is not None:
+        datasets["unlabeled"] = unlabeled_dataset(unlabeled, cfg.augment, seed=cfg.train.seed + 1)
+    trainer = build_torch_trainer(
+        job,
+        settings.resources,
+        datasets,
+        run_name=run_name,
+        storage_path=Path(settings.results_dir) / "ray" / "train",
+        callbacks=callbacks,
+    )
+    return trainer.fit()
+
+
+def _fit_multi_stage(
+    settings: SweepSettings,
+    spec: TrialSpec,
+    cfg: ExperimentConfig,
+    prepared: PreparedFold,
+    child: RunRef,
+    run_name: str,
+) -> tuple[ray.train.Result, dict]:
+    """Paper Table 5's multi-stage baseline (STAC-like): a supervised run on the labeled fold;
+    its teacher pseudo-labels the unlabeled set once, offline, keeping boxes with score >
+    ``spec.fg_thr`` (train/multi_stage.py); a second supervised run on labeled +
+    pseudo-labeled images, whose metrics are the trial's.
+
+    Each supervised run trains for the preset's ``max_steps``: the paper does not say how
+    long its stages ran, and equal stages make the stage-2 run comparable to the supervised
+    baseline. Only the second run logs step curves to the child run (two runs' curves under
+    the same keys and steps would interleave); the first run's final metrics are logged as
+    ``multi_stage/stage1/...`` and its Ray Train run keeps its own curves.
+    """
+    supervised = cfg.replace(method={"method": "supervised"})
+    first = _fit_run(
+        settings, supervised, prepared.data, prepared.labeled, None,
+        run_name=run_name, tracking=None, callbacks=[],
+    )
+    if first.checkpoint is None:
+        raise RuntimeError(
+            f"stage 1 of multi-stage trial {spec.name} finished without a checkpoint; "
+            f"check its Ray Train run {run_name} under {settings.results_dir}/ray/train"
+        )
+    first_metrics = _final_metrics_of_result(first)
+    log_metrics(child, {f"multi_stage/stage1/{k}": v for k, v in first_metrics.items()}, step=0)
+    out_file = Path(settings.data_dir) / "pseudo_labels" / f"{run_name}.json"
+    report = _label_as_ray_task(settings.resources, supervised, prepared.data,
+                                first.checkpoint, spec.fg_thr, out_file)
+    log_metrics(child, report.metrics(), step=0)
+    print(
+        f"{spec.name}: {report.boxes_kept} pseudo boxes on {report.images} unlabeled images "
+        f"(score > {spec.fg_thr:g}) in {out_file}",
+        flush=True,
+    )
+    merged = write_shards(
+        load_coco(out_file, prepared.data.train_images), Path(settings.data_dir) / "shards"
+    )
+    second = _fit_run(
+        settings, supervised, prepared.data, merged, None,
+        run_name=f"{run_name}-stage2", tracking=child, callbacks=[TuneReportCallback()],
+    )
+    summary = {
+        "pseudo_label_file": str(out_file),
+        "pseudo_labels": report.to_dict(),
+        "stage1_checkpoint": first.checkpoint.path,
+        "stage1_metrics": first_metrics,
+    }
+    return second, summary
+
+
+def _label_as_ray_task(
+    resources: WorkerResources,
+    cfg: ExperimentConfig,
+    fold: FoldData,
+    checkpoint: ray.train.Checkpoint,
+    fg_thr: float,
+    out_file: Path,
+) -> PseudoLabelReport:
+    """The offline pass as a Ray task holding one Train worker's CPUs (and GPU): the trial's
+    own process reserves almost no CPU, and a GPU cluster should label on a GPU. The task
+    leaves the trial's placement group (one 0.01-CPU bundle), which would otherwise capture it."""
+    task = ray.remote(_label_task).options(
+        num_cpus=resources.cpus_per_worker,
+        num_gpus=resources.gpus_per_worker,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
+    return ray.get(task.remote(
+        cfg.to_dict(), fold, checkpoint, fg_thr, str(out_file), _threads_per_worker(resources)
+    ))
+
+
+def _label_task(
+    cfg: dict,
+    fold: FoldData,
+    checkpoint: ray.train.Checkpoint,
+    fg_thr: float,
+    out_file: str,
+    threads: int,
+) -> PseudoLabelReport:
+    torch.set_num_threads(threads)
+    with checkpoint.as_directory() as directory:
+        return label_fold_from_checkpoint(
+            ExperimentConfig.from_dict(cfg), fold, Path(directory), fg_thr, Path(out_file)
+        )
+
+
+def _threads_per_worker(resources: WorkerResources) -> int:
+    return max(1, int(resources.cpus_per_worker))
+
+
+def _final_metrics_of_result(result: ray.train.Result) -> dict[str, float]:
+    return {k: float(v) for k, v in (result.metrics or {}).items() if k in FINAL_METRICS}

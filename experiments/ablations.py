@@ -1,0 +1,98 @@
+"""The paper's ablations (Tables 5-10) at one labeled ratio and fold, through Ray Tune and
+MLflow (experiment ``ablations``, one sweep a table), printed beside the paper's figures and
+written to ``<results>/ablations_<table>_<preset>.{csv,md}``.
+
+    python experiments/ablations.py                      # every table, 10% labeled, fold 1
+    python experiments/ablations.py --only table6,table7 --preset bench
+    python experiments/ablations.py --preset smoke --only table6 --rows multi_stage --max-steps 4
+
+Tables: table6 (Tables 5-6: supervised, multi-stage, E2E, E2E+EMA, + soft teacher, + box
+jittering), table7 (indicators), table8 (fg_thr), table9 (var_thr), table10 (n_jitter).
+Running the same command again resumes its sweeps: finished trials are not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from softteacher.config import PRESETS
+from softteacher.tune.ablations import (
+    TABLES,
+    AblationError,
+    AblationSettings,
+    default_preset_and_resources,
+    run_ablations,
+    select_tables,
+)
+from softteacher.tune.cluster import start_or_join
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="default: paper with a GPU, cpu without")
+    parser.add_argument("--ratio", type=float, default=10.0, help="labeled percent (default 10)")
+    parser.add_argument("--fold", type=int, default=1)
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated tables from {', '.join(TABLES)} (default: all)")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated row keys to run, e.g. multi_stage or 0.9 "
+                             "(default: every row; the tables are written with a suffix)")
+    parser.add_argument("--coco-root", type=Path, default=None,
+                        help="a COCO 2017 layout; default: the synthetic set")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
+    parser.add_argument("--cpus-per-worker", type=float, default=None)
+    parser.add_argument("--gpus-per-worker", type=float, default=None)
+    parser.add_argument("--max-failures", type=int, default=2,
+                        help="worker restarts from the last checkpoint")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="override the preset's schedule length (each stage of multi-stage)")
+    parser.add_argument("--address", default=None, help="join a running cluster ('auto')")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of a local cluster")
+    parser.add_argument("--dashboard-port", type=int, default=8265, help="of a local cluster")
+    parser.add_argument("--results-dir", type=Path, default=None)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> AblationSettings:
+    preset_name, resources = default_preset_and_resources(
+        args.preset,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        max_failures=args.max_failures,
+    )
+    defaults = AblationSettings()
+    return AblationSettings(
+        preset=preset_name,
+        ratio=args.ratio,
+        fold=args.fold,
+        results_dir=str((args.results_dir or Path(defaults.results_dir)).resolve()),
+        data_dir=str((args.data_dir or Path(defaults.data_dir)).resolve()),
+        coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
+        resources=resources,
+        max_steps=args.max_steps,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        tables = select_tables(args.only, args.rows)
+    except AblationError as error:
+        sys.exit(f"error: {error}")
+    settings = settings_from_args(args)
+    dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}")
+    run_ablations(settings, tables)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""The paper's ablation studies (Tables 5-10) at one labeled ratio and fold, on the platform.
+
+Each table is data here: its rows, what each row changes in a trial, and the paper's figures
+(COCO val2017 mAP, AP50, AP75 at 10% labeled, fold 1; paper Sec. 4.4). A table runs as one
+sweep (``run_sweep`` with explicit trial specs, MLflow experiment ``ablations``), and is
+printed and written with our teacher's mAP, AP50 and AP75 beside the paper's.
+
+Rows the paper does not pin are filled from the preset: the foreground threshold (``fg_thr``,
+which serves the classification and RPN pseudo boxes) and the box-variance threshold default
+to the preset's ``cls_thr`` and ``reg_thr``, as in ``experiments/fold_sweep.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from softteacher.config import INDICATORS, METHODS, MethodConfig, preset
+from softteacher.track.mlflow_runs import (
+    default_tracking_uri,
+    finish_run,
+    log_file_artifact,
+    resume_parent_run,
+)
+from softteacher.train.ray_worker import WorkerResources
+from softteacher.tune.sweep import PROJECT_ROOT, FinishedTrial, SweepSettings, TrialSpec, run_sweep
+
+EXPERIMENT_NAME = "ablations"
+# Ours: the teacher's COCO metrics (MMDetection 3 reports the teacher; the paper's column
+# names are mAP, mAP@0.5 and mAP@0.75).
+METRIC_COLUMNS = (("mAP", "teacher/AP"), ("AP50", "teacher/AP50"), ("AP75", "teacher/AP75"))
+
+
+class AblationError(ValueError):
+    """An ablation request that names no known table or row."""
+
+
+@dataclass(frozen=True)
+class PaperFigures:
+    """One row of a paper table: COCO val2017 mAP, AP50 and AP75 (percent)."""
+
+    mAP: float
+    AP50: float
+    AP75: float
+
+    def value(self, column: str) -> float:
+        return getattr(self, column)
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    """One row: the label the paper prints, a short ``key`` for ``--rows`` and file names,
+    what the trial changes (None: the preset's value), and the paper's figures."""
+
+    key: str
+    label: str
+    paper: PaperFigures
+    method: str
+    fg_thr: float | None = None
+    var_thr: float | None = None
+    indicator: str | None = None
+    n_jitter: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise AblationError(f"row {self.key!r}: unknown method {self.method!r}; use {METHODS}")
+        if self.indicator is not None and self.indicator not in INDICATORS:
+            raise AblationError(f"row {self.key!r}: unknown indicator {self.indicator!r}")
+
+    def spec(self, ratio: float, fold: int, defaults: MethodConfig) -> TrialSpec:
+        return TrialSpec(
+            ratio=ratio,
+            fold=fold,
+            method=self.method,
+            fg_thr=defaults.cls_thr if self.fg_thr is None else self.fg_thr,
+            var_thr=defaults.reg_thr if self.var_thr is None else self.var_thr,
+            indicator=self.indicator,
+            n_jitter=self.n_jitter,
+        )
+
+
+@dataclass(frozen=True)
+class AblationTable:
+    """A paper table: ``setting`` heads the row-label column."""
+
+    key: str
+    caption: str
+    setting: str
+    rows: tuple[AblationRow, ...]
+
+    def select(self, row_keys: Sequence[str] | None) -> AblationTable:
+        """The table restricted to ``row_keys`` (all rows for None), in the paper's order."""
+        if row_keys is None:
+            return self
+        unknown = sorted(set(row_keys) - {row.key for row in self.rows})
+        if unknown:
+            raise AblationError(
+                f"{self.key} has no row(s) {unknown}; its rows are "
+                f"{[row.key for row in self.rows]}"
+            )
+        rows = tuple(row for row in self.rows if row.key in row_keys)
+        return AblationTable(self.key, self.caption, self.setting, rows)
+
+
+def _paper(mAP: float, AP50: float, AP75: float) -> PaperFigures:
+    return PaperFigures(mAP, AP50, AP75)
+
+
+# Tables 5 and 6 share the E2E+EMA row; table7's "w/o weight" and BG-T rows repeat Table 6's
+# E2E+EMA and soft-teacher figures, and Tables 8-10 are all around the full method, as the
+# paper's figures show (0.9 in Table 8 is Table 6's soft teacher without jittering, 33.6).
+TABLES: dict[str, AblationTable] = {
+    table.key: table
+    for table in (
+        AblationTable(
+            "table6",
+            "Tables 5-6: multi-stage vs end-to-end, soft teacher and box jittering",
+            "method",
+            (
+                AblationRow("supervised", "Supervised", _paper(27.1, 44.6, 28.6), "supervised"),
+                AblationRow("multi_stage", "Multi-Stage", _paper(28.7, 47.0, 30.9), "multi_stage"),
+                AblationRow("e2e", "E2E", _paper(30.0, 47.4, 32.4), "e2e"),
+                AblationRow("e2e_ema", "E2E+EMA", _paper(31.2, 48.8, 34.0), "e2e_ema"),
+                AblationRow(
+                    "soft_teacher", "E2E+EMA + soft teacher", _paper(33.6, 52.9, 36.6),
+                    "soft_teacher",
+                ),
+                AblationRow(
+                    "soft_teacher_jitter", "E2E+EMA + soft teacher + box jittering",
+                    _paper(34.2, 52.6, 37.3), "soft_teacher_jitter",
+                ),
+            ),
+        ),
+        AblationTable(
+            "table7",
+            "Table 7: reliability indicators of the soft teacher",
+            "indicator",
+            tuple(
+                AblationRow(indicator, label, figures, "soft_teacher", indicator=indicator)
+                for indicator, label, figures in (
+                    ("none", "w/o weight", _paper(31.2, 48.8, 34.0)),
+                    ("iou", "IoU", _paper(31.7, 51.4, 34.2)),
+                    ("reverse_iou", "Reverse-IoU", _paper(31.6, 49.5, 34.1)),
+                    ("pred_diff", "Pred-Diff", _paper(32.3, 51.0, 34.6)),
+                    ("bg_student", "BG-S", _paper(25.9, 44.4, 27.0)),
+                    ("bg_teacher", "BG-T", _paper(33.6, 52.9, 36.6)),
+                )
+            ),
+        ),
+        AblationTable(
+            "table8",
+            "Table 8: foreground score threshold (soft teacher)",
+            "fg_thr",
+            tuple(
+                AblationRow(f"{thr:g}", f"{thr:.2f}", figures, "soft_teacher", fg_thr=thr)
+                for thr, figures in (
+                    (0.7, _paper(29.9, 48.6, 32.1)),
+                    (0.8, _paper(33.2, 52.8, 35.9)),
+                    (0.9, _paper(33.6, 52.9, 36.6)),
+                    (0.95, _paper(32.1, 50.6, 34.7)),
+                )
+            ),
+        ),
+        AblationTable(
+            "table9",
+            "Table 9: box-regression variance threshold (soft teacher + box jittering)",
+            "var_thr",
+            tuple(
+                AblationRow(f"{thr:g}", f"{thr:.2f}", figures, "soft_teacher_jitter", var_thr=thr)
+                for thr, figures in (
+                    (0.04, _paper(33.8, 52.3, 36.7)),
+                    (0.03, _paper(34.0, 52.5, 36.9)),
+                    (0.02, _paper(34.2, 52.6, 37.3)),
+                    (0.01, _paper(32.9, 52.2, 35.8)),
+                )
+            ),
+        ),
+        AblationTable(
+            "table10",
+            "Table 10: jittered boxes a candidate (soft teacher + box jittering)",
+            "n_jitter",
+            tuple(
+                AblationRow(str(n), str(n), figures, "soft_teacher_jitter", n_jitter=n)
+                for n, figures in (
+                    (5, _paper(34.0, 52.3, 37.0)),
+                    (10, _paper(34.2, 52.6, 37.3)),
+                    (15, _paper(34.2, 52.5, 37.4)),
+                )
+            ),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class AblationSettings:
+    """What the command line decides; each table becomes one sweep of these settings."""
+
+    preset: str = "cpu"
+    ratio: float = 10.0
+    fold: int = 1
+    results_dir: str = str(PROJECT_ROOT / "experiments" / "results")
+    data_dir: str = str(PROJECT_ROOT / "data")
+    coco_root: str | None = None
+    resources: WorkerResources = field(default_factory=WorkerResources)
+    max_steps: int | None = None
+
+    def sweep_name(self, table: AblationTable, *, partial: bool = False) -> str:
+        """``ablations-table6-cpu-r10-f1`` (+ what else changes the trials): a rerun of the
+        same command resumes its sweep, and a different request never resumes another's."""
+        name = f"{EXPERIMENT_NAME}-{table.key}-{self.preset}-r{self.ratio:g}-f{self.fold}"
+        if self.coco_root:
+            name += "-coco"
+        if self.max_steps is not None:
+            name += f"-steps{self.max_steps}"
+        if partial:
+            name += "-rows-" + "-".join(row.key for row in table.rows)
+        return name
+
+    def sweep_settings(self, table: AblationTable, *, partial: bool = False) -> SweepSettings:
+        return SweepSettings(
+            preset=self.preset,
+            ratios=(self.ratio,),
+            folds=(self.fold,),
+            methods=tuple(dict.fromkeys(row.method for row in table.rows)),
+            coco_root=self.coco_root,
+            results_dir=self.results_dir,
+            data_dir=self.data_dir,
+            resources=self.resources,
+            max_steps=self.max_steps,
+            experiment_name=EXPERIMENT_NAME,
+            sweep_name=self.sweep_name(table, partial=partial),
+        )
+
+    def specs(self, table: AblationTable) -> list[TrialSpec]:
+        defaults = preset(self.preset).method
+        return [row.spec(self.ratio, self.fold, defaults) for row in table.rows]
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """A row's trial and its final metrics (None when the trial did not finish)."""
+
+    row: AblationRow
+    spec: TrialSpec
+    metrics: dict[str, float] | None
+
+
+@dataclass(frozen=True)
+class AblationResult:
+    table: AblationTable
+    rows: list[RowResult]
+    paths: dict[str, Path]
+    wall_s: float
+
+    @property
+    def complete(self) -> bool:
+        return all(r.metrics is not None for r in self.rows)
+
+
+def default_preset_and_resources(
+    preset_name: str | None,
+    *,
+    workers: int = 1,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    max_failures: int = 2,
+) -> tuple[str, WorkerResources]:
+    """What fold_sweep.py picks when the command line leaves it open: with a GPU the paper
+    preset and one GPU (and one CPU) a worker; without, the cpu preset and every core."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    name = preset_name or ("paper" if gpu else "cpu")
+    gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if gpu else 0.0)
+    cpus = cpus_per_worker or (1.0 if gpu else float(os.cpu_count() or 1))
+    return name, WorkerResources(
+        num_workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus, max_failures=max_failures
+    )
+
+
+def select_tables(only: str | None = None, rows: str | None = None) -> list[AblationTable]:
+    """The tables of ``only`` (``table6,table8``; None: all) in the paper's order, restricted
+    to the row keys of ``rows`` (``multi_stage,0.9``; None: every row) where given."""
+    keys = [k.strip() for k in (only or "").split(",") if k.strip()] or list(TABLES)
+    unknown = [k for k in keys if k not in TABLES]
+    if unknown:
+        raise AblationError(f"unknown table(s) {unknown}; choose from {', '.join(TABLES)}")
+    tables = [TABLES[k] for k in TABLES if k in keys]
+    row_keys = [k.strip() for k in (rows or "").split(",") if k.strip()]
+    if not row_keys:
+        return tables
+    known = {row.key for table in tables for row in table.rows}
+    missing = [k for k in row_keys if k not in known]
+    if missing:
+        raise AblationError(
+            f"no chosen table has row(s) {missing}; rows: "
+            + "; ".join(f"{t.key}: {', '.join(r.key for r in t.rows)}" for t in tables)
+        )
+    chosen = [t.select([k for k in row_keys if k in {r.key for r in t.rows}]) for t in tables]
+    return [t for t in chosen if t.rows]
+
+
+def run_ablations(
+    settings: AblationSettings, tables: Sequence[AblationTable] | None = None
+) -> list[AblationResult]:
+    """Run the tables (all by default) one after the other, each as its own sweep."""
+    return [run_ablation_table(settings, table) for table in (tables or list(TABLES.values()))]
+
+
+def run_ablation_table(settings: AblationSettings, table: AblationTable) -> AblationResult:
+    """One table as one sweep; prints it and writes ``ablations_<table>_<preset>.{csv,md}``,
+    attached to the sweep's MLflow run too. A table cut down to some rows gets their keys
+    appended to its sweep and file names, so it never resumes or overwrites the full one."""
+    partial = table.rows != TABLES[table.key].rows
+    sweep = settings.sweep_settings(table, partial=partial)
+    specs = settings.specs(table)
+    started = time.monotonic()
+    finished = run_sweep(sweep, specs)
+    wall_s = time.monotonic() - started
+    rows = collect_rows(table, specs, finished)
+    print(format_ablation_table(table, rows, settings, wall_s))
+    stem = f"{EXPERIMENT_NAME}_{table.key}_{settings.preset}"
+    if partial:
+        stem += "_" + "-".join(row.key for row in table.rows)
+    paths = write_ablation_table(table, rows, Path(settings.results_dir), stem, settings, wall_s)
+    for path in paths.values():
+        print(f"wrote {path}")
+    result = AblationResult(table, rows, paths, wall_s)
+    _attach_to_sweep_run(sweep, paths, complete=result.complete)
+    return result
+
+
+def collect_rows(
+    table: AblationTable, specs: Sequence[TrialSpec], finished: Sequence[FinishedTrial]
+) -> list[RowResult]:
+    """Each row with its trial's metrics; ``specs`` line up with ``table.rows``."""
+    by_spec = {trial.spec: trial.metrics for trial in finished}
+    return [
+        RowResult(row, spec, by_spec.get(spec))
+        for row, spec in zip(table.rows, specs, strict=True)
+    ]
+
+
+def format_ablation_table(
+    table: AblationTable,
+    rows: Sequence[RowResult],
+    settings: AblationSettings | None = None,
+    wall_s: float | None = None,
+) -> str:
+    """Aligned text as the paper prints it (one decimal), ours then the paper's figures."""
+    header, cells = _header(table), [_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    lines = [_title(table, settings, wall_s), _aligned(header, widths)]
+    lines.append(_aligned(["-" * w for w in widths], widths))
+    lines += [_aligned(line, widths) for line in cells]
+    return "\n".join(lines) + "\n"
+
+
+def format_ablation_markdown(
+    table: AblationTable,
+    rows: Sequence[RowResult],
+    settings: AblationSettings | None = None,
+    wall_s: float | None = None,
+) -> str:
+    header = _header(table)
+    lines = [f"**{_title(table, settings, wall_s)}**", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "---|" * len(header))
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def ablation_csv(table: AblationTable, rows: Sequence[RowResult]) -> str:
+    """Machine-readable: full-precision numbers, empty where a trial did not finish; ``row``
+    is the ablated value (a method, an indicator, a threshold), ``label`` the paper's name."""
+    fields = ["table", "row", "label", "method", "trial"]
+    fields += [name for name, _ in METRIC_COLUMNS] + [f"paper_{n}" for n, _ in METRIC_COLUMNS]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for result in rows:
+        record = {
+            "table": table.key,
+            "row": result.row.key,
+            "label": result.row.label,
+            "method": result.row.method,
+            "trial": result.spec.name,
+        }
+        for name, metric in METRIC_COLUMNS:
+            record[name] = _ours(result, metric)
+            record[f"paper_{name}"] = result.row.paper.value(name)
+        writer.writerow({k: "" if v is None else v for k, v in record.items()})
+    return buffer.getvalue()
+
+
+def write_ablation_table(
+    table: AblationTable,
+    rows: Sequence[RowResult],
+    results_dir: Path,
+    stem: str,
+    settings: AblationSettings | None = None,
+    wall_s: float | None = None,
+) -> dict[str, Path]:
+    """``<stem>.csv`` and ``<stem>.md``, each replaced atomically."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    contents = {
+        "csv": ablation_csv(table, rows),
+        "md": format_ablation_markdown(table, rows, settings, wall_s),
+    }
+    paths = {}
+    for kind, text in contents.items():
+        paths[kind] = results_dir / f"{stem}.{kind}"
+        _write_atomically(paths[kind], text)
+    return paths
+
+
+def _attach_to_sweep_run(sweep: SweepSettings, paths: dict[str, Path], *, complete: bool) -> None:
+    """The table files as artifacts of the sweep's parent run (``tables/``); the run is set
+    FINISHED again only when every row finished (a failed trial leaves it for a rerun)."""
+    tracking_uri = default_tracking_uri(Path(sweep.results_dir))
+    parent = resume_parent_run(tracking_uri, EXPERIMENT_NAME, sweep.name)
+    if parent is None:
+        return
+    for path in paths.values():
+        log_file_artifact(parent, path, artifact_path="tables")
+    if complete:
+        finish_run(parent)
+
+
+def _title(table: AblationTable, settings: AblationSettings | None, wall_s: float | None) -> str:
+    title = table.caption
+    if settings is not None:
+        title += f" -- {settings.preset} preset, {settings.ratio:g}% labeled, fold {settings.fold}"
+    if wall_s is not None:
+        title += f", {wall_s / 60:.1f} min"
+    return title + " (ours: teacher; paper: COCO val2017, 10%, fold 1)"
+
+
+def _header(table: AblationTable) -> list[str]:
+    names = [name for name, _ in METRIC_COLUMNS]
+    return [table.setting, *names, *(f"paper {name}" for name in names)]
+
+
+def _cells(result: RowResult) -> list[str]:
+    ours = [_ours(result, metric) for _, metric in METRIC_COLUMNS]
+    cells = [result.row.label]
+    cells += ["-" if value is None else f"{value:.1f}" for value in ours]
+    cells += [f"{result.row.paper.value(name):.1f}" for name, _ in METRIC_COLUMNS]
+    return cells
+
+
+def _ours(result: RowResult, metric: str) -> float | None:
+    """Our value, None when the trial did not finish or pycocotools left it undefined."""
+    if result.metrics is None or metric not in result.metrics:
+        return None
+    value = float(result.metrics[metric])
+    return value if math.isfinite(value) else None
+
+
+def _aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,207 @@
+"""The ablation suite: its tables as data, their printing and files on hand-made results,
+and ``experiments/ablations.py`` end to end (one multi-stage row through Ray Tune and a real
+MLflow store)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from softteacher.config import preset
+from softteacher.data.coco import load_coco
+from softteacher.data.protocol import synthetic_folds
+from softteacher.track.tables import summarize
+from softteacher.tune import sweep
+from softteacher.tune.ablations import (
+    TABLES,
+    AblationError,
+    AblationSettings,
+    collect_rows,
+    format_ablation_markdown,
+    format_ablation_table,
+    select_tables,
+    write_ablation_table,
+)
+from softteacher.tune.sweep import FinishedTrial
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tables_hold_the_papers_rows_and_figures():
+    assert list(TABLES) == ["table6", "table7", "table8", "table9", "table10"]
+    table6 = TABLES["table6"]
+    assert [r.method for r in table6.rows] == [
+        "supervised", "multi_stage", "e2e", "e2e_ema", "soft_teacher", "soft_teacher_jitter"
+    ]
+    assert [r.paper.mAP for r in table6.rows] == [27.1, 28.7, 30.0, 31.2, 33.6, 34.2]
+    assert [r.indicator for r in TABLES["table7"].rows] == [
+        "none", "iou", "reverse_iou", "pred_diff", "bg_student", "bg_teacher"
+    ]
+    assert [r.paper.mAP for r in TABLES["table7"].rows] == [31.2, 31.7, 31.6, 32.3, 25.9, 33.6]
+    assert [r.fg_thr for r in TABLES["table8"].rows] == [0.7, 0.8, 0.9, 0.95]
+    assert sorted(r.var_thr for r in TABLES["table9"].rows) == [0.01, 0.02, 0.03, 0.04]
+    assert [(r.n_jitter, r.paper.AP75) for r in TABLES["table10"].rows] == [
+        (5, 37.0), (10, 37.3), (15, 37.4)
+    ]
+
+
+@pytest.mark.parametrize("key", list(TABLES))
+def test_each_row_is_its_own_trial_with_the_setting_it_ablates(key):
+    settings = AblationSettings(preset="smoke", ratio=10.0, fold=1)
+    table = TABLES[key]
+    specs = settings.specs(table)
+    assert len({s.name for s in specs}) == len(specs)  # no two rows share a trial
+    base = preset("smoke")
+    for row, spec in zip(table.rows, specs):
+        method = spec.apply(base).method
+        assert method.method == row.method
+        assert method.cls_thr == (row.fg_thr if row.fg_thr is not None else base.method.cls_thr)
+        assert method.reg_thr == (row.var_thr if row.var_thr is not None else base.method.reg_thr)
+        if row.indicator is not None:
+            assert method.effective_indicator == row.indicator
+        if row.n_jitter is not None:
+            assert method.n_jitter == row.n_jitter and method.uses_jitter
+    sweep_settings = settings.sweep_settings(table)
+    assert sweep_settings.experiment_name == "ablations"
+    assert sweep_settings.name == f"ablations-{key}-smoke-r10-f1"
+
+
+def test_sweep_names_change_with_what_changes_the_trials():
+    table = TABLES["table10"]
+    names = {
+        AblationSettings(preset="cpu").sweep_name(table),
+        AblationSettings(preset="cpu", max_steps=4).sweep_name(table),
+        AblationSettings(preset="cpu", fold=2).sweep_name(table),
+        AblationSettings(preset="cpu").sweep_name(table.select(["5"]), partial=True),
+    }
+    assert len(names) == 4
+
+
+def test_select_tables_filters_tables_and_rows_and_names_mistakes():
+    assert [t.key for t in select_tables(None)] == list(TABLES)
+    chosen = select_tables("table8,table6", "multi_stage,0.9")
+    assert [(t.key, [r.key for r in t.rows]) for t in chosen] == [
+        ("table6", ["multi_stage"]), ("table8", ["0.9"])
+    ]
+    with pytest.raises(AblationError, match="unknown table"):
+        select_tables("table11")
+    with pytest.raises(AblationError, match=r"row\(s\) \['0.9'\].*table10: 5, 10, 15"):
+        select_tables("table10", "0.9")
+
+
+def _finished(settings, table, values) -> list[FinishedTrial]:
+    """Hand-made trial results: ``values[i]`` is row i's teacher mAP, None for no result."""
+    trials = []
+    for spec, value in zip(settings.specs(table), values):
+        if value is not None:
+            metrics = {"teacher/AP": value, "teacher/AP50": value + 20.0,
+                       "teacher/AP75": math.nan, "student/AP": 1.0}
+            trials.append(FinishedTrial(spec, metrics))
+    return trials
+
+
+def test_table_prints_ours_beside_the_papers_and_marks_missing_rows(tmp_path):
+    settings = AblationSettings(preset="smoke")
+    table = TABLES["table7"]
+    finished = _finished(settings, table, [12.34, None, 3.0, 4.0, 5.0, 6.0])
+    rows = collect_rows(table, settings.specs(table), finished)
+    text = format_ablation_table(table, rows, settings, wall_s=90.0)
+    lines = text.splitlines()
+    assert "Table 7" in lines[0] and "1.5 min" in lines[0]
+    assert lines[1].split() == ["indicator", "mAP", "AP50", "AP75", "paper", "mAP", "paper",
+                                "AP50", "paper", "AP75"]
+    assert lines[3].split() == ["w/o", "weight", "12.3", "32.3", "-", "31.2", "48.8", "34.0"]
+    assert lines[4].split() == ["IoU", "-", "-", "-", "31.7", "51.4", "34.2"]  # did not finish
+    assert lines[8].split()[0] == "BG-T"
+
+    paths = write_ablation_table(table, rows, tmp_path, "ablations_table7_smoke", settings)
+    assert set(paths) == {"csv", "md"}
+    with paths["csv"].open() as handle:
+        records = list(csv.DictReader(handle))
+    assert [r["row"] for r in records] == [r.key for r in table.rows]
+    assert records[0]["label"] == "w/o weight"
+    assert float(records[0]["mAP"]) == 12.34 and records[0]["AP75"] == ""
+    assert records[1]["mAP"] == "" and float(records[1]["paper_mAP"]) == 31.7
+    markdown = paths["md"].read_text()
+    assert markdown == format_ablation_markdown(table, rows, settings)
+    assert "| BG-T | 6.0 | 26.0 | - | 33.6 | 52.9 | 36.6 |" in markdown
+
+
+def test_sweep_table_keeps_indicator_and_jitter_rows_apart():
+    """``run_sweep`` summarises every sweep's trials by setting: the rows of Tables 7 and 10
+    differ only in the indicator or the jitter count, which must not read as repeated folds."""
+    settings = AblationSettings(preset="smoke")
+    for key in ("table7", "table10"):
+        table = TABLES[key]
+        finished = _finished(settings, table, [1.0] * len(table.rows))
+        summaries = summarize([sweep._trial_result(t) for t in finished])
+        assert len(summaries) == len(table.rows)
+    labels = {s.method for s in summarize(
+        [sweep._trial_result(t) for t in _finished(settings, TABLES["table10"], [1.0] * 3)]
+    )}
+    assert labels == {"soft_teacher_jitter+nj5", "soft_teacher_jitter+nj10",
+                      "soft_teacher_jitter+nj15"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_ablation_command_runs_a_multi_stage_row_end_to_end(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    results, data = tmp_path / "results", tmp_path / "data"
+    command = [
+        sys.executable, str(ROOT / "experiments" / "ablations.py"),
+        "--preset", "smoke", "--only", "table6", "--rows", "multi_stage", "--max-steps", "4",
+        "--results-dir", str(results), "--data-dir", str(data),
+        "--num-cpus", "4", "--dashboard-port", str(_free_port()),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[done]" in done.stdout and "Multi-Stage" in done.stdout
+
+    with (results / "ablations_table6_smoke_multi_stage.csv").open() as handle:
+        (record,) = list(csv.DictReader(handle))
+    assert record["label"] == "Multi-Stage" and float(record["paper_mAP"]) == 28.7
+    assert 0.0 <= float(record["mAP"]) <= 100.0
+    assert "| Multi-Stage |" in (results / "ablations_table6_smoke_multi_stage.md").read_text()
+
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ablations")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert parent.info.run_name == "ablations-table6-smoke-r10-f1-steps4-rows-multi_stage"
+    assert parent.info.status == "FINISHED"
+    tables = {a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
+    assert "tables/ablations_table6_smoke_multi_stage.md" in tables
+    assert child.info.status == "FINISHED" and child.data.params["method"] == "multi_stage"
+    metrics = child.data.metrics
+    assert metrics["multi_stage/unlabeled_images"] == 54  # the smoke fold's unlabeled set
+    assert "multi_stage/pseudo_boxes_per_image" in metrics
+    assert "multi_stage/stage1/teacher/AP" in metrics and "final/teacher/AP" in metrics
+    assert client.get_metric_history(child.info.run_id, "loss/total")[-1].step == 4
+
+    summary_file = client.download_artifacts(child.info.run_id, "summary.json", str(tmp_path))
+    summary = json.loads(Path(summary_file).read_text())["multi_stage"]
+    assert summary["pseudo_labels"]["fg_thr"] == preset("smoke").method.cls_thr
+    assert summary["stage1_checkpoint"] != json.loads(Path(summary_file).read_text())["checkpoint"]
+    fold = synthetic_folds(data, preset("smoke").synthetic, [10], [1])[0]  # the cached fold
+    merged = load_coco(Path(summary["pseudo_label_file"]), fold.train_images)
+    labeled, unlabeled, _ = fold.load()
+    assert set(merged.image_ids) == set(labeled.image_ids) | set(unlabeled.image_ids)
+    assert sum(len(r.boxes) for r in merged.records) == (
+        sum(len(r.boxes) for r in labeled.records) + summary["pseudo_labels"]["boxes_kept"]
+    )
