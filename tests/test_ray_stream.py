@@ -86,22 +86,29 @@ def test_actor_rows_round_trip_to_the_samples_transforms_make(ray_cluster, synth
             else:
                 want = unlabeled_sample(record, image, AUGMENT, rng)
                 for name in ("weak", "strong"):
-                    np.testing.assert_array_equal(getattr(got, name).image,
-                                                  getattr(want, name).image)
-                    np.testing.assert_array_equal(getattr(got, name).matrix,
-                                                  getattr(want, name).matrix)
+                    np.testing.assert_array_equal(
+                        getattr(got, name).image, getattr(want, name).image
+                    )
+                    np.testing.assert_array_equal(
+                        getattr(got, name).matrix, getattr(want, name).matrix
+                    )
 
 
 def test_labeled_stream_repeats_and_reshuffles_each_epoch(ray_cluster, synthetic, shard_set):
     """Supervised steps (no unlabeled shard): 4 labeled images a step, 6 steps an epoch."""
-    stream = step_batches(labeled_dataset(shard_set, AUGMENT, seed=3, min_rows_per_epoch=1).iterator(), None, 4, 4,
-                          "cpu", seed=3)
+    stream = step_batches(
+        labeled_dataset(shard_set, AUGMENT, seed=3, min_rows_per_epoch=1).iterator(),
+        None,
+        4,
+        4,
+        "cpu",
+        seed=3,
+    )
     orders: dict[int, list[int]] = {}
     for _ in range(13):  # two whole epochs and the first step of a third
         labeled, unlabeled = next(stream)
         assert unlabeled is None and len(labeled.images) == len(labeled.targets) == 4
-        assert all(image.dtype == torch.float32 and image.shape[0] == 3
-                   for image in labeled.images)
+        assert all(image.dtype == torch.float32 and image.shape[0] == 3 for image in labeled.images)
         orders.setdefault(stream.position()["labeled_epoch"], []).extend(
             stream.last_image_ids["labeled"]
         )
@@ -121,7 +128,11 @@ def test_resume_epochs_and_short_epoch_tails_are_dropped(ray_cluster, shard_set)
     stream = step_batches(
         ray.data.from_arrow(labeled_rows).iterator(),
         ray.data.from_arrow(unlabeled_rows).iterator(),
-        1, 2, "cpu", seed=0, start_epoch={"labeled_epoch": 4, "unlabeled_epoch": 7},
+        1,
+        2,
+        "cpu",
+        seed=0,
+        start_epoch={"labeled_epoch": 4, "unlabeled_epoch": 7},
     )
     positions = []
     for _ in range(3):
@@ -130,10 +141,14 @@ def test_resume_epochs_and_short_epoch_tails_are_dropped(ray_cluster, shard_set)
         positions.append(stream.position())
 
     assert [(p["labeled_epoch"], p["labeled_batches_in_epoch"]) for p in positions] == [
-        (4, 1), (4, 2), (4, 3)
+        (4, 1),
+        (4, 2),
+        (4, 3),
     ]
     assert [(p["unlabeled_epoch"], p["unlabeled_batches_in_epoch"]) for p in positions] == [
-        (7, 1), (8, 1), (9, 1)
+        (7, 1),
+        (8, 1),
+        (9, 1),
     ]
 
 
@@ -153,8 +168,9 @@ def test_an_undecodable_image_surfaces_with_its_file_name(ray_cluster, synthetic
     small = dataclasses.replace(synthetic, image_root=images, records=synthetic.records[:4])
     broken = write_shards(small, tmp_path / "shards")
 
-    stream = step_batches(unlabeled_dataset(broken, AUGMENT, seed=0).iterator(),
-                          None, 1, 1, "cpu", seed=0)
+    stream = step_batches(
+        unlabeled_dataset(broken, AUGMENT, seed=0).iterator(), None, 1, 1, "cpu", seed=0
+    )
     with pytest.raises(Exception, match=f"cannot decode image {victim}"):
         next(stream)
 
@@ -168,34 +184,44 @@ def test_two_train_workers_each_get_exactly_1_labeled_and_4_unlabeled_a_step(
     def train_loop(config: dict) -> None:
         """Runs in each Train worker (pickled by value; the imports it uses are installed)."""
         stream = step_batches(
-            ray.train.get_dataset_shard("labeled"), ray.train.get_dataset_shard("unlabeled"),
-            1, 4, torch.device("cpu"), seed=0,
+            ray.train.get_dataset_shard("labeled"),
+            ray.train.get_dataset_shard("unlabeled"),
+            1,
+            4,
+            torch.device("cpu"),
+            seed=0,
         )
         steps = []
         for _ in range(config["steps"]):
             labeled, unlabeled = next(stream)
             boxes_inside = all(
-                bool((t["boxes"] >= 0).all() & (t["boxes"][:, 2] <= image.shape[2]).all()
-                     & (t["boxes"][:, 3] <= image.shape[1]).all()
-                     & (t["boxes"][:, 0] < t["boxes"][:, 2]).all()
-                     & (t["boxes"][:, 1] < t["boxes"][:, 3]).all())
+                bool(
+                    (t["boxes"] >= 0).all()
+                    & (t["boxes"][:, 2] <= image.shape[2]).all()
+                    & (t["boxes"][:, 3] <= image.shape[1]).all()
+                    & (t["boxes"][:, 0] < t["boxes"][:, 2]).all()
+                    & (t["boxes"][:, 1] < t["boxes"][:, 3]).all()
+                )
                 for image, t in zip(labeled.images, labeled.targets, strict=True)
             )
             matrices = torch.cat([unlabeled.weak_matrices, unlabeled.strong_matrices])
-            steps.append({
-                "labeled": len(labeled.images),
-                "labels_match_boxes": all(len(t["labels"]) == len(t["boxes"])
-                                          for t in labeled.targets),
-                "boxes_inside": boxes_inside,
-                "weak": len(unlabeled.weak),
-                "strong": len(unlabeled.strong),
-                "matrices_shape": list(unlabeled.weak_matrices.shape),
-                "matrices_invertible": bool(
-                    (torch.linalg.det(matrices[:, :2, :2]).abs() > 1e-6).all()
-                ),
-                "unlabeled_ids": unlabeled.image_ids,
-                "position": stream.position(),
-            })
+            steps.append(
+                {
+                    "labeled": len(labeled.images),
+                    "labels_match_boxes": all(
+                        len(t["labels"]) == len(t["boxes"]) for t in labeled.targets
+                    ),
+                    "boxes_inside": boxes_inside,
+                    "weak": len(unlabeled.weak),
+                    "strong": len(unlabeled.strong),
+                    "matrices_shape": list(unlabeled.weak_matrices.shape),
+                    "matrices_invertible": bool(
+                        (torch.linalg.det(matrices[:, :2, :2]).abs() > 1e-6).all()
+                    ),
+                    "unlabeled_ids": unlabeled.image_ids,
+                    "position": stream.position(),
+                }
+            )
         rank = ray.train.get_context().get_world_rank()
         Path(config["out"], f"rank{rank}.json").write_text(json.dumps(steps))
         ray.train.report({"steps": len(steps)})
@@ -205,8 +231,7 @@ def test_two_train_workers_each_get_exactly_1_labeled_and_4_unlabeled_a_step(
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"steps": 6, "out": str(out)},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False,
-                                     resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         datasets={
             "labeled": labeled_dataset(shard_set, AUGMENT, seed=0, min_rows_per_epoch=1),
             "unlabeled": unlabeled_dataset(shard_set, AUGMENT, seed=0, min_rows_per_epoch=1),

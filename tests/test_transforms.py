@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from softteacher.config import AugmentConfig
 from softteacher.data import transforms as T
 from softteacher.data.samples import ImageRecord, View

@@ -58,9 +58,6 @@ from softteacher.data.transforms import labeled_sample, unlabeled_sample
 StreamKind = Literal["labeled", "unlabeled"]
 
 DATA_ACTOR_CPUS = 0.25
-# The stream has no read tasks (the actors read their row groups, see ``row_groups``): a
-# CPU budget that sums the stream's parts adds nothing for reading.
-READ_TASK_CPUS = 0.0
 MIN_ROWS_PER_EPOCH = 2048
 # Rows the local shuffle buffer holds before it yields. Bounded because the rows are decoded
 # views (~0.3 MB each at the cpu preset, ~6 MB at paper sizes); the row groups' order is

@@ -27,7 +27,6 @@ from softteacher.data.coco import load_coco
 from softteacher.data.protocol import FoldData, coco_folds, synthetic_folds
 from softteacher.data.ray_stream import (
     DATA_ACTOR_CPUS,
-    READ_TASK_CPUS,
     labeled_dataset,
     unlabeled_dataset,
 )
@@ -59,9 +58,12 @@ from softteacher.tune.progress import TrialEventPrinter
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 TUNE_DRIVER_CPUS = 0.01  # the trial function only waits on its TorchTrainer
-# the smallest Ray Data footprint of a trial: one actor in each of its two pools, one read task
-DATA_CPUS_PER_TRIAL = 2 * DATA_ACTOR_CPUS + READ_TASK_CPUS
-FINAL_METRICS = tuple(f"{model}/{name}" for model in ("teacher", "student") for name in METRIC_NAMES)
+# the smallest Ray Data footprint of a trial: one actor in each of its two pools (the actors
+# read their own row groups: there are no read tasks)
+DATA_CPUS_PER_TRIAL = 2 * DATA_ACTOR_CPUS
+FINAL_METRICS = tuple(
+    f"{model}/{name}" for model in ("teacher", "student") for name in METRIC_NAMES
+)
 
 
 @dataclass(frozen=True)
@@ -181,9 +183,7 @@ class FinishedTrial:
     metrics: dict[str, float]
 
 
-def run_sweep(
-    settings: SweepSettings, specs: list[TrialSpec] | None = None
-) -> list[FinishedTrial]:
+def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> list[FinishedTrial]:
     """Prepare the folds, run (or resume) the trials, and write the mean +- std table.
 
     ``specs`` defaults to the settings' grid; an ablation passes its own list (the sweep's
@@ -221,7 +221,10 @@ def run_sweep(
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search([dataclasses.asdict(s) for s in specs]), **shared},
+            param_space={
+                "trial": tune.grid_search([dataclasses.asdict(s) for s in specs]),
+                **shared,
+            },
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=max_concurrent_trials(settings.resources)
             ),
@@ -259,7 +262,9 @@ def prepare_folds(settings: SweepSettings, base: ExperimentConfig) -> dict[str, 
     """Fold files and their shards (both cached by content) for every (ratio, fold)."""
     data_dir = Path(settings.data_dir)
     if settings.coco_root:
-        folds = coco_folds(Path(settings.coco_root), data_dir / "coco_folds", settings.ratios, settings.folds)
+        folds = coco_folds(
+            Path(settings.coco_root), data_dir / "coco_folds", settings.ratios, settings.folds
+        )
     else:
         folds = synthetic_folds(data_dir, base.synthetic, settings.ratios, settings.folds)
     prepared = {}
@@ -270,8 +275,10 @@ def prepare_folds(settings: SweepSettings, base: ExperimentConfig) -> dict[str, 
             write_shards(labeled, data_dir / "shards"),
             write_shards(unlabeled, data_dir / "shards"),
         )
-        print(f"fold {fold.fold}@{fold.percent:g}%: {len(labeled.records)} labeled, "
-              f"{len(unlabeled.records)} unlabeled images")
+        print(
+            f"fold {fold.fold}@{fold.percent:g}%: {len(labeled.records)} labeled, "
+            f"{len(unlabeled.records)} unlabeled images"
+        )
     return prepared
 
 
@@ -300,7 +307,11 @@ def run_trial(config: dict) -> None:
         parent,
         spec.name,
         params=dataclasses.asdict(spec)
-        | {"preset": settings.preset, "seed": cfg.train.seed, "git_commit": git_commit(PROJECT_ROOT)}
+        | {
+            "preset": settings.preset,
+            "seed": cfg.train.seed,
+            "git_commit": git_commit(PROJECT_ROOT),
+        }
         | cfg.flat(),
     )
     if run_status(child) == "FINISHED":
@@ -338,9 +349,7 @@ def _final_metrics_of(run: RunRef) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
     logged = MlflowClient(run.tracking_uri).get_run(run.run_id).data.metrics
-    return {
-        name: logged[f"final/{name}"] for name in FINAL_METRICS if f"final/{name}" in logged
-    }
+    return {name: logged[f"final/{name}"] for name in FINAL_METRICS if f"final/{name}" in logged}
 
 
 def _trial_result(trial: FinishedTrial) -> TrialResult:
@@ -356,7 +365,10 @@ def _fold_key(ratio: float, fold: int) -> str:
 
 def _prepared_to_dict(prepared: PreparedFold) -> dict:
     return {
-        "data": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(prepared.data).items()},
+        "data": {
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in dataclasses.asdict(prepared.data).items()
+        },
         "labeled": _shards_to_dict(prepared.labeled),
         "unlabeled": _shards_to_dict(prepared.unlabeled),
     }
@@ -459,8 +471,14 @@ def _fit_multi_stage(
     """
     supervised = cfg.replace(method={"method": "supervised"})
     first = _fit_run(
-        settings, supervised, prepared.data, prepared.labeled, None,
-        run_name=run_name, tracking=None, callbacks=[],
+        settings,
+        supervised,
+        prepared.data,
+        prepared.labeled,
+        None,
+        run_name=run_name,
+        tracking=None,
+        callbacks=[],
     )
     if first.checkpoint is None:
         raise RuntimeError(
@@ -470,8 +488,9 @@ def _fit_multi_stage(
     first_metrics = _final_metrics_of_result(first)
     log_metrics(child, {f"multi_stage/stage1/{k}": v for k, v in first_metrics.items()}, step=0)
     out_file = Path(settings.data_dir) / "pseudo_labels" / f"{run_name}.json"
-    report = _label_as_ray_task(settings.resources, supervised, prepared.data,
-                                first.checkpoint, spec.fg_thr, out_file)
+    report = _label_as_ray_task(
+        settings.resources, supervised, prepared.data, first.checkpoint, spec.fg_thr, out_file
+    )
     log_metrics(child, report.metrics(), step=0)
     print(
         f"{spec.name}: {report.boxes_kept} pseudo boxes on {report.images} unlabeled images "
@@ -482,8 +501,14 @@ def _fit_multi_stage(
         load_coco(out_file, prepared.data.train_images), Path(settings.data_dir) / "shards"
     )
     second = _fit_run(
-        settings, supervised, prepared.data, merged, None,
-        run_name=f"{run_name}-stage2", tracking=child, callbacks=[TuneReportCallback()],
+        settings,
+        supervised,
+        prepared.data,
+        merged,
+        None,
+        run_name=f"{run_name}-stage2",
+        tracking=child,
+        callbacks=[TuneReportCallback()],
     )
     summary = {
         "pseudo_label_file": str(out_file),
@@ -510,9 +535,11 @@ def _label_as_ray_task(
         num_gpus=resources.gpus_per_worker,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )
-    return ray.get(task.remote(
-        cfg.to_dict(), fold, checkpoint, fg_thr, str(out_file), _threads_per_worker(resources)
-    ))
+    return ray.get(
+        task.remote(
+            cfg.to_dict(), fold, checkpoint, fg_thr, str(out_file), _threads_per_worker(resources)
+        )
+    )
 
 
 def _label_task(
