@@ -3,7 +3,7 @@ MLflow (experiment ``ablations``, one sweep a table), printed beside the paper's
 written to ``<results>/ablations_<table>_<preset>.{csv,md}``.
 
     python experiments/ablations.py                      # every table, 10% labeled, fold 1
-    python experiments/ablations.py --only table6,table7 --preset bench
+    python experiments/ablations.py --only table6,table7 --preset cpu
     python experiments/ablations.py --preset smoke --only table6 --rows multi_stage --max-steps 4
 
 Tables: table6 (Tables 5-6: supervised, multi-stage, E2E, E2E+EMA, + soft teacher, + box
@@ -22,11 +22,10 @@ from softteacher.tune.ablations import (
     TABLES,
     AblationError,
     AblationSettings,
-    default_preset_and_resources,
     run_ablations,
     select_tables,
 )
-from softteacher.tune.cluster import start_or_join
+from softteacher.tune.cluster import default_preset_and_resources, start_or_join
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,12 +9,10 @@ python experiments/fold_sweep.py --coco-root /data/coco --preset paper \
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from softteacher.config import METHODS, PRESETS
-from softteacher.train.ray_worker import WorkerResources
-from softteacher.tune.cluster import start_or_join
+from softteacher.tune.cluster import default_preset_and_resources, start_or_join
 from softteacher.tune.sweep import SweepSettings, run_sweep
 
 
@@ -95,17 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def settings_from_args(args: argparse.Namespace) -> SweepSettings:
-    gpu = _has_gpu()
-    preset_name = args.preset or ("paper" if gpu else "cpu")
-    gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1.0 if gpu else 0.0)
-    cpus = args.cpus_per_worker or (1.0 if gpu else float(os.cpu_count() or 1))
+    preset_name, resources = default_preset_and_resources(
+        args.preset,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        max_failures=args.max_failures,
+    )
     defaults = SweepSettings()
     base = SweepSettings(preset=preset_name).base_config().method
     return SweepSettings(
@@ -119,12 +114,7 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
         results_dir=str((args.results_dir or Path(defaults.results_dir)).resolve()),
         data_dir=str((args.data_dir or Path(defaults.data_dir)).resolve()),
-        resources=WorkerResources(
-            num_workers=args.workers,
-            cpus_per_worker=cpus,
-            gpus_per_worker=gpus,
-            max_failures=args.max_failures,
-        ),
+        resources=resources,
         max_steps=args.max_steps,
         ckpt_every=args.ckpt_every,
         experiment_name=args.experiment,

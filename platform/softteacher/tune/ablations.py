@@ -265,27 +265,6 @@ class AblationResult:
         return all(r.metrics is not None for r in self.rows)
 
 
-def default_preset_and_resources(
-    preset_name: str | None,
-    *,
-    workers: int = 1,
-    cpus_per_worker: float | None = None,
-    gpus_per_worker: float | None = None,
-    max_failures: int = 2,
-) -> tuple[str, WorkerResources]:
-    """What fold_sweep.py picks when the command line leaves it open: with a GPU the paper
-    preset and one GPU (and one CPU) a worker; without, the cpu preset and every core."""
-    import torch
-
-    gpu = torch.cuda.is_available()
-    name = preset_name or ("paper" if gpu else "cpu")
-    gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if gpu else 0.0)
-    cpus = cpus_per_worker or (1.0 if gpu else float(os.cpu_count() or 1))
-    return name, WorkerResources(
-        num_workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus, max_failures=max_failures
-    )
-
-
 def select_tables(only: str | None = None, rows: str | None = None) -> list[AblationTable]:
     """The tables of ``only`` (``table6,table8``; None: all) in the paper's order, restricted
     to the row keys of ``rows`` (``multi_stage,0.9``; None: every row) where given."""

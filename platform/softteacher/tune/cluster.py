@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 import ray
+import torch
+
+from softteacher.train.ray_worker import WorkerResources
 
 DASHBOARD_HOST = "127.0.0.1"
 DASHBOARD_PORT = 8265
@@ -56,3 +59,22 @@ def _dashboard_url(context: object | None) -> str | None:
     if not url:
         return None
     return url if url.startswith("http") else f"http://{url}"
+
+
+def default_preset_and_resources(
+    preset_name: str | None,
+    *,
+    workers: int = 1,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    max_failures: int = 2,
+) -> tuple[str, WorkerResources]:
+    """What fold_sweep.py picks when the command line leaves it open: with a GPU the paper
+    preset and one GPU (and one CPU) a worker; without, the cpu preset and every core."""
+    gpu = torch.cuda.is_available()
+    name = preset_name or ("paper" if gpu else "cpu")
+    gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if gpu else 0.0)
+    cpus = cpus_per_worker or (1.0 if gpu else float(os.cpu_count() or 1))
+    return name, WorkerResources(
+        num_workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus, max_failures=max_failures
+    )
