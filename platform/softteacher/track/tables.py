@@ -136,7 +136,7 @@ def write_tables(
     paths = {}
     for kind, text in contents.items():
         paths[kind] = results_dir / f"{stem}.{kind}"
-        _write_atomically(paths[kind], text)
+        write_atomically(paths[kind], text)
     return paths
 
 
@@ -249,7 +249,7 @@ def _as_record(s: FoldSummary) -> dict:
     }
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     """Write beside ``path`` and rename over it (a rename within a folder is atomic)."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from softteacher.track.mlflow_runs import (
     log_file_artifact,
     resume_parent_run,
 )
+from softteacher.track.tables import write_atomically
 from softteacher.train.ray_worker import WorkerResources
 from softteacher.tune.sweep import PROJECT_ROOT, FinishedTrial, SweepSettings, TrialSpec, run_sweep
 
@@ -397,7 +396,7 @@ def write_ablation_table(
     paths = {}
     for kind, text in contents.items():
         paths[kind] = results_dir / f"{stem}.{kind}"
-        _write_atomically(paths[kind], text)
+        write_atomically(paths[kind], text)
     return paths
 
 
@@ -446,15 +445,3 @@ def _ours(result: RowResult, metric: str) -> float | None:
 
 def _aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
     return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
