@@ -276,7 +276,7 @@ def _preset_cpu() -> ExperimentConfig:
             unsup_weight_ramp_steps=30,
             ema_momentum=0.99,
         ),
-        optim=OptimConfig(lr=0.02, warmup_steps=30, decay_steps=(120,)),
+        optim=OptimConfig(lr=0.02, warmup_steps=30, decay_steps=(120,), grad_clip_norm=10.0),
         train=TrainConfig(
             max_steps=150,
             eval_every=150,
