@@ -93,7 +93,7 @@ def learning_curve(percents: list[float], steps: int) -> dict[float, dict[str, f
                 "log_every": 100,
                 "max_val_images": None,
             },
-            optim={"warmup_steps": 100, "decay_steps": (int(steps * 0.8),)},
+            optim={"warmup_steps": 100, "decay_steps": (int(steps * 0.8),), "grad_clip_norm": None},
         )
         fold = synthetic_folds(DATA, cfg.synthetic, [percent], [1])[0]
         start = time.perf_counter()
