@@ -79,3 +79,15 @@ def test_two_workers_spread_over_two_nodes(fold_shards, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_local_mode_runs_the_same_loop_in_process(fold_shards, tmp_path):
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        resources = WorkerResources(num_workers=0)  # Ray Train's local mode: the fast path
+        result, client, run = _fit(fold_shards, tmp_path, max_steps=3, resources=resources)
+        assert result.metrics["checkpoint_step"] == 3
+        steps = [m.step for m in client.get_metric_history(run.run_id, "loss/total")]
+        assert steps == [1, 2, 3]
+    finally:
+        ray.shutdown()
