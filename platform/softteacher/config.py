@@ -165,6 +165,7 @@ class TrainConfig:
     num_threads: int | None = None
     max_val_images: int | None = None
     pseudo_quality_images: int = 64
+    init_from: str | None = None  # a checkpoint folder: its student and teacher start the run
 
     @property
     def images_per_step(self) -> int:

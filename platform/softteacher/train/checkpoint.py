@@ -38,3 +38,11 @@ def load_checkpoint(trainer: SoftTeacherTrainer, directory: Path) -> dict:
 
 def has_checkpoint(directory: Path | None) -> bool:
     return directory is not None and (directory / CHECKPOINT_FILE).is_file()
+
+
+def load_weights(trainer: SoftTeacherTrainer, directory: Path) -> None:
+    """Start a new run from another run's student and teacher (``train.init_from``): the
+    optimiser, schedule and step start afresh, unlike a resume."""
+    state = torch.load(directory / CHECKPOINT_FILE, map_location=trainer.device, weights_only=False)
+    trainer.student.load_state_dict(state["student"])
+    trainer.teacher.load_state_dict(state["teacher"])

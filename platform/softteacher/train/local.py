@@ -14,7 +14,12 @@ from softteacher.data.collate import UnlabeledBatch, collate_labeled, collate_un
 from softteacher.data.protocol import FoldData
 from softteacher.data.streams import batched, labeled_stream, unlabeled_stream
 from softteacher.eval.models import evaluate_run
-from softteacher.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from softteacher.train.checkpoint import (
+    has_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from softteacher.train.loop import LoopHooks, Metrics, fit
 from softteacher.train.trainer import SoftTeacherTrainer
 
@@ -41,6 +46,8 @@ def run_single_process(
     trainer = SoftTeacherTrainer(cfg, device)
     if has_checkpoint(checkpoint_dir):
         load_checkpoint(trainer, checkpoint_dir)
+    elif cfg.train.init_from:
+        load_weights(trainer, Path(cfg.train.init_from))
     # The data position is the step: a resumed run draws a fresh, reproducible order.
     seed = cfg.train.seed * 1_000_003 + trainer.step_count
     n_labeled, n_unlabeled = cfg.step_batch_sizes()

@@ -30,7 +30,7 @@ from softteacher.track.mlflow_runs import (
     log_metrics,
     set_tags,
 )
-from softteacher.train.checkpoint import load_checkpoint, save_checkpoint
+from softteacher.train.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from softteacher.train.loop import LoopHooks, Metrics, fit
 from softteacher.train.progress_metrics import ProgressGauges
 from softteacher.train.trainer import SoftTeacherTrainer
@@ -118,6 +118,8 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             position = load_checkpoint(trainer, Path(directory)).get("data_position", {})
+    elif cfg.train.init_from:
+        load_weights(trainer, Path(cfg.train.init_from))
 
     n_labeled, n_unlabeled = cfg.step_batch_sizes()
     batches = StepBatches(
