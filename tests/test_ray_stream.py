@@ -27,9 +27,9 @@ from softteacher.data.ray_stream import (  # noqa: E402
     UNLABELED_ROW_SCHEMA,
     AugmentActor,
     ShardTooSmallError,
+    StepBatches,
     labeled_dataset,
     labeled_samples,
-    step_batches,
     unlabeled_dataset,
     unlabeled_samples,
 )
@@ -96,7 +96,7 @@ def test_actor_rows_round_trip_to_the_samples_transforms_make(ray_cluster, synth
 
 def test_labeled_stream_repeats_and_reshuffles_each_epoch(ray_cluster, synthetic, shard_set):
     """Supervised steps (no unlabeled shard): 4 labeled images a step, 6 steps an epoch."""
-    stream = step_batches(
+    stream = StepBatches(
         labeled_dataset(shard_set, AUGMENT, seed=3, min_rows_per_epoch=1).iterator(),
         None,
         4,
@@ -125,7 +125,7 @@ def test_resume_epochs_and_short_epoch_tails_are_dropped(ray_cluster, shard_set)
     batch = pq.read_table(shard_set.files[0]).slice(0, 3)
     labeled_rows = AugmentActor("labeled", AUGMENT, seed=0, shards_root="").augment(batch)
     unlabeled_rows = AugmentActor("unlabeled", AUGMENT, seed=0, shards_root="").augment(batch)
-    stream = step_batches(
+    stream = StepBatches(
         ray.data.from_arrow(labeled_rows).iterator(),
         ray.data.from_arrow(unlabeled_rows).iterator(),
         1,
@@ -153,7 +153,7 @@ def test_resume_epochs_and_short_epoch_tails_are_dropped(ray_cluster, shard_set)
 
 
 def test_a_shard_smaller_than_a_step_fails_instead_of_hanging(ray_cluster):
-    stream = step_batches(ray.data.range(3).iterator(), None, 4, 4, "cpu", seed=0)
+    stream = StepBatches(ray.data.range(3).iterator(), None, 4, 4, "cpu", seed=0)
     with pytest.raises(ShardTooSmallError, match="has 3 rows, fewer than the 4"):
         next(stream)
 
@@ -168,7 +168,7 @@ def test_an_undecodable_image_surfaces_with_its_file_name(ray_cluster, synthetic
     small = dataclasses.replace(synthetic, image_root=images, records=synthetic.records[:4])
     broken = write_shards(small, tmp_path / "shards")
 
-    stream = step_batches(
+    stream = StepBatches(
         unlabeled_dataset(broken, AUGMENT, seed=0).iterator(), None, 1, 1, "cpu", seed=0
     )
     with pytest.raises(Exception, match=f"cannot decode image {victim}"):
@@ -183,7 +183,7 @@ def test_two_train_workers_each_get_exactly_1_labeled_and_4_unlabeled_a_step(
 
     def train_loop(config: dict) -> None:
         """Runs in each Train worker (pickled by value; the imports it uses are installed)."""
-        stream = step_batches(
+        stream = StepBatches(
             ray.train.get_dataset_shard("labeled"),
             ray.train.get_dataset_shard("unlabeled"),
             1,

@@ -143,7 +143,10 @@ def _augmented(
     return row_groups(shards, seed=seed, passes=passes).map_batches(
         AugmentActor,
         fn_constructor_kwargs={
-            "kind": kind, "cfg": cfg, "seed": seed, "shards_root": str(shards.root)
+            "kind": kind,
+            "cfg": cfg,
+            "seed": seed,
+            "shards_root": str(shards.root),
         },
         batch_size=1,
         batch_format="pyarrow",
@@ -226,14 +229,21 @@ def _records(batch: pa.Table) -> list[ImageRecord]:
             labels=np.asarray(labels, dtype=np.int64),
         )
         for image_id, file_name, width, height, boxes, labels in zip(
-            rows["image_id"], rows["file_name"], rows["width"], rows["height"],
-            rows["boxes"], rows["labels"], strict=True,
+            rows["image_id"],
+            rows["file_name"],
+            rows["width"],
+            rows["height"],
+            rows["boxes"],
+            rows["labels"],
+            strict=True,
         )
     ]
 
 
 def _labeled_rows(
-    records: list[ImageRecord], images: list[np.ndarray], cfg: AugmentConfig,
+    records: list[ImageRecord],
+    images: list[np.ndarray],
+    cfg: AugmentConfig,
     rng: np.random.Generator,
 ) -> pa.Table:
     samples = [labeled_sample(r, image, cfg, rng) for r, image in zip(records, images, strict=True)]
@@ -251,7 +261,9 @@ def _labeled_rows(
 
 
 def _unlabeled_rows(
-    records: list[ImageRecord], images: list[np.ndarray], cfg: AugmentConfig,
+    records: list[ImageRecord],
+    images: list[np.ndarray],
+    cfg: AugmentConfig,
     rng: np.random.Generator,
 ) -> pa.Table:
     samples = [unlabeled_sample(r, img, cfg, rng) for r, img in zip(records, images, strict=True)]
@@ -279,8 +291,13 @@ def labeled_samples(batch: pa.Table) -> list[LabeledSample]:
             labels=np.asarray(labels, dtype=np.int64),
         )
         for image_id, image, height, width, boxes, labels in zip(
-            rows["image_id"], rows["image"], rows["height"], rows["width"],
-            rows["boxes"], rows["labels"], strict=True,
+            rows["image_id"],
+            rows["image"],
+            rows["height"],
+            rows["width"],
+            rows["boxes"],
+            rows["labels"],
+            strict=True,
         )
     ]
 
@@ -291,8 +308,9 @@ def unlabeled_samples(batch: pa.Table) -> list[UnlabeledSample]:
 
     def view(name: str, index: int) -> View:
         return View(
-            image=_pixels(rows[name][index], rows[f"{name}_height"][index],
-                          rows[f"{name}_width"][index]),
+            image=_pixels(
+                rows[name][index], rows[f"{name}_height"][index], rows[f"{name}_width"][index]
+            ),
             matrix=np.asarray(rows[f"{name}_matrix"][index], dtype=np.float64).reshape(3, 3),
         )
 
@@ -404,15 +422,23 @@ class StepBatches:
         # Which images the last step used (DetectionBatch carries no ids): for logs and tests.
         self.last_image_ids: dict[str, list[int]] = {}
         self._labeled = EpochBatches(
-            "labeled", labeled_shard, labeled_per_step, seed=seed,
-            start_epoch=starts["labeled_epoch"], shuffle_buffer_rows=shuffle_buffer_rows,
+            "labeled",
+            labeled_shard,
+            labeled_per_step,
+            seed=seed,
+            start_epoch=starts["labeled_epoch"],
+            shuffle_buffer_rows=shuffle_buffer_rows,
         )
         self._unlabeled = (
             None
             if unlabeled_shard is None
             else EpochBatches(
-                "unlabeled", unlabeled_shard, unlabeled_per_step, seed=seed,
-                start_epoch=starts["unlabeled_epoch"], shuffle_buffer_rows=shuffle_buffer_rows,
+                "unlabeled",
+                unlabeled_shard,
+                unlabeled_per_step,
+                seed=seed,
+                start_epoch=starts["unlabeled_epoch"],
+                shuffle_buffer_rows=shuffle_buffer_rows,
             )
         )
 
@@ -439,23 +465,6 @@ class StepBatches:
             position["unlabeled_epoch"] = self._unlabeled.epoch
             position["unlabeled_batches_in_epoch"] = self._unlabeled.batches_in_epoch
         return position
-
-
-def step_batches(
-    labeled_shard: DataIterator,
-    unlabeled_shard: DataIterator | None,
-    labeled_per_step: int,
-    unlabeled_per_step: int,
-    device: torch.device | str,
-    *,
-    seed: int,
-    start_epoch: int | Mapping[str, int] = 0,
-) -> StepBatches:
-    """The training worker's data: see ``StepBatches``; ``unlabeled_shard=None`` for supervised."""
-    return StepBatches(
-        labeled_shard, unlabeled_shard, labeled_per_step, unlabeled_per_step, device,
-        seed=seed, start_epoch=start_epoch,
-    )
 
 
 def _start_epochs(start_epoch: int | Mapping[str, int]) -> dict[str, int]:
