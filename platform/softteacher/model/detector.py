@@ -7,6 +7,7 @@ normalises and batches: a resize inside the model would silently break the view 
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.ops.poolers import initLevelMapper
 
 from softteacher.config import DetectorConfig
 
@@ -41,14 +43,35 @@ class NormalizeOnlyTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+class KnownStrideRoIAlign(MultiScaleRoIAlign):
+    """torchvision's multi-scale RoIAlign with the backbone's strides given up front.
+
+    torchvision infers each level's scale on the first call, from the largest image of that
+    call, and keeps it for the life of the model. A semi-supervised step pools the labeled
+    images' slice of a batch padded for larger strong views: inferred there, a stride of 8
+    comes out as 4 and every later RoI is pooled from the wrong place (measured: a trained
+    student's classification loss 0.03 -> 0.8 at its first step, then collapse).
+    """
+
+    def __init__(self, featmap_names: list[str], strides: list[int]) -> None:
+        super().__init__(featmap_names=featmap_names, output_size=7, sampling_ratio=2)
+        self.scales = [1.0 / stride for stride in strides]
+        self.map_levels = initLevelMapper(
+            int(math.log2(strides[0])),
+            int(math.log2(strides[-1])),
+            canonical_scale=self.canonical_scale,
+            canonical_level=self.canonical_level,
+        )
+
+
 def build_detector(cfg: DetectorConfig) -> FasterRCNN:
     """The Faster R-CNN of a preset: ``r50-fpn`` (the paper's) or ``slim`` (CPU)."""
     if cfg.preset == "r50-fpn":
         backbone = _r50_fpn_backbone(cfg)
-        featmap_names = ["0", "1", "2", "3"]
+        featmap_names, strides = ["0", "1", "2", "3"], [4, 8, 16, 32]
     elif cfg.preset == "slim":
         backbone = _slim_backbone(cfg)
-        featmap_names = ["0", "1", "2"]
+        featmap_names, strides = ["0", "1", "2"], [8, 16, 32]
     else:
         raise ValueError(f"unknown detector preset {cfg.preset!r}; use 'r50-fpn' or 'slim'")
 
@@ -62,7 +85,7 @@ def build_detector(cfg: DetectorConfig) -> FasterRCNN:
         sizes=tuple((s,) for s in cfg.anchor_sizes),
         aspect_ratios=((0.5, 1.0, 2.0),) * num_levels,
     )
-    roi_pool = MultiScaleRoIAlign(featmap_names=featmap_names, output_size=7, sampling_ratio=2)
+    roi_pool = KnownStrideRoIAlign(featmap_names, strides)
     box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_dim)
     predictor = FastRCNNPredictor(cfg.box_head_dim, cfg.num_classes + 1)
     model = FasterRCNN(
