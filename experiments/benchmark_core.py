@@ -45,7 +45,7 @@ def measure_speed(short_side: int, steps: int, warmup: int, init: Path | None) -
         cfg = _cfg_at(short_side, method)
         fold = synthetic_folds(DATA, cfg.synthetic, [10], [1])[0]
         labeled, unlabeled, _ = fold.load()
-        n_labeled, n_unlabeled = cfg.step_batch_sizes()
+        n_labeled, n_unlabeled = cfg.step_batch_sizes(cfg.method.burn_in_steps)
         device = torch.device("cpu")
         lab = [
             collate_labeled(b, device)

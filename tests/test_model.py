@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import MultiScaleRoIAlign
 
 from softteacher.config import MethodConfig, preset
 from softteacher.data.collate import DetectionBatch, UnlabeledBatch
 from softteacher.model.detector import build_detector
 from softteacher.model.ema import ema_momentum, ema_update, make_teacher
-from softteacher.model.pseudo_labels import TeacherView, pseudo_targets
+from softteacher.model.pseudo_labels import PseudoTargets, TeacherView, pseudo_targets
+from softteacher.model.soft_teacher import StudentLosses, rpn_ignoring_uncertain
+from softteacher.train.loop import LoopHooks, fit
 from softteacher.train.trainer import NonFiniteLossError, SoftTeacherTrainer
 
 SIZE = 64
@@ -176,3 +179,109 @@ def test_jitter_filter_removes_unstable_boxes_in_a_full_step():
     metrics = lenient.step(_labeled(0.5), _unlabeled(0.3, 0.7))
     assert metrics["pseudo/reg_per_image"] == pytest.approx(metrics["pseudo/candidates_per_image"])
     assert np.isfinite(metrics["loss/unsup_reg"])
+
+
+class _RecordingSource:
+    """A step source that hands out constant batches and records what each step asked for."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int]] = []
+
+    def labeled(self, images: int) -> DetectionBatch:
+        self.requests.append(("labeled", images))
+        return _labeled(0.5, images)
+
+    def unlabeled(self) -> UnlabeledBatch:
+        self.requests.append(("unlabeled", 4))
+        return _unlabeled(0.5, 0.5)
+
+
+def test_burn_in_steps_read_a_supervised_batch_and_no_unlabeled_images():
+    """Burn-in is the baseline's own step (5 labeled images); then 1 labeled + 4 unlabeled."""
+    cfg = preset("smoke").replace(
+        method={"method": "soft_teacher", "burn_in_steps": 2},
+        train={"max_steps": 4, "eval_every": 100, "ckpt_every": 100, "log_every": 100},
+    )
+    source = _RecordingSource()
+    trainer = SoftTeacherTrainer(cfg, torch.device("cpu"))
+    hooks = LoopHooks(log=lambda step, m: None, evaluate=lambda t: {}, checkpoint=lambda t, m: None)
+    fit(trainer, source, hooks)
+
+    assert source.requests == [
+        ("labeled", 5),
+        ("labeled", 5),
+        ("labeled", 1),
+        ("unlabeled", 4),
+        ("labeled", 1),
+        ("unlabeled", 4),
+    ]
+    assert trainer.step_count == 4
+
+
+def test_uncertain_candidates_are_kept_apart_only_when_asked():
+    view = TeacherView(
+        features={},
+        image_sizes=[(SIZE, SIZE)],
+        boxes=[torch.tensor([[0, 0, 20, 20], [30, 30, 50, 50.0]])],
+        labels=[torch.tensor([1, 2])],
+        scores=[torch.tensor([0.95, 0.6])],
+        variances=[torch.zeros(2)],
+    )
+    batch = _unlabeled(0.0, 0.0, n=1)
+    paper = pseudo_targets(view, batch, MethodConfig(cls_thr=0.9, rpn_thr=0.9))
+    assert len(paper.uncertain[0]) == 0
+    ignoring = MethodConfig(cls_thr=0.9, rpn_thr=0.9, ignore_uncertain=True)
+    ours = pseudo_targets(view, batch, ignoring)
+    torch.testing.assert_close(ours.uncertain[0], torch.tensor([[30.0, 30, 50, 50]]))
+    assert ours.cls[0]["labels"].tolist() == [1]
+
+
+def test_boxes_on_an_uncertain_candidate_get_no_background_weight():
+    losses = StudentLosses(build_detector(preset("smoke").detector), MethodConfig(indicator="iou"))
+    uncertain = torch.tensor([[30.0, 30, 50, 50]])
+    pseudo = PseudoTargets(
+        rpn=[{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}],
+        cls=[{"boxes": torch.tensor([[0.0, 0, 20, 20]]), "labels": torch.tensor([1])}],
+        reg=[],
+        uncertain=[uncertain],
+    )
+    proposals = [torch.tensor([[31.0, 31, 50, 50], [2.0, 2, 20, 20], [0.0, 40, 10, 60]])]
+    reliability = losses._reliability(torch.zeros(3, 5), proposals, pseudo, teacher_bg=None)
+    assert reliability[0] == 0  # on the uncertain box: ignored
+    assert reliability[1] > 0.8 and reliability[2] == 0  # the IoU indicator itself
+
+
+def test_rpn_ignores_only_background_anchors_near_uncertain_boxes():
+    detector = build_detector(preset("smoke").detector)
+    detector.train()
+    images, _ = detector.transform([torch.rand(3, SIZE, SIZE)])
+    features = detector.backbone(images.tensors)
+    target = {"boxes": torch.tensor([[4.0, 4, 28, 28]]), "labels": torch.tensor([1])}
+    empty = PseudoTargets(rpn=[target], cls=[target], reg=[target], uncertain=[torch.zeros(0, 4)])
+    torch.manual_seed(0)
+    _, ours = rpn_ignoring_uncertain(detector.rpn, images, features, empty)
+    torch.manual_seed(0)
+    _, torchvision_losses = detector.rpn(images, features, [target])
+    assert ours == torchvision_losses  # no uncertain box: torchvision's RPN exactly
+
+    everywhere = torch.tensor([[0.0, 0, SIZE, SIZE]])
+    ignoring = PseudoTargets(rpn=[target], cls=[target], reg=[target], uncertain=[everywhere])
+    torch.manual_seed(0)
+    _, ignored = rpn_ignoring_uncertain(detector.rpn, images, features, ignoring)
+    assert ignored["loss_objectness"] != ours["loss_objectness"]
+    assert torch.isfinite(ignored["loss_objectness"])
+
+
+def test_roi_pooling_scales_do_not_depend_on_the_first_batch():
+    """The labeled slice of a padded semi-supervised batch is smaller than its features imply;
+    torchvision would infer (and keep) stride 4 for the stride-8 level from such a first call."""
+    detector = build_detector(preset("smoke").detector)
+    pool = detector.roi_heads.box_roi_pool
+    features = {
+        name: torch.rand(1, 8, 160 // s, 160 // s) for name, s in (("0", 8), ("1", 16), ("2", 32))
+    }
+    box = [torch.tensor([[10.0, 10, 60, 60]])]
+    sliced = pool(features, box, [(106, 106)])  # first call: a slice padded to 160
+    assert pool.scales == [1 / 8, 1 / 16, 1 / 32]
+    reference = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
+    torch.testing.assert_close(sliced, reference(features, box, [(160, 160)]))

@@ -143,4 +143,4 @@ def test_multi_stage_trains_supervised_in_each_stage():
     assert not method.uses_unlabeled and not method.uses_jitter and method.uses_ema
     assert method.effective_indicator == "none"
     cfg = preset("smoke").replace(method={"method": "multi_stage"})
-    assert cfg.step_batch_sizes() == (cfg.train.images_per_step, 0)
+    assert cfg.step_batch_sizes(0) == (cfg.train.images_per_step, 0)

@@ -106,8 +106,8 @@ def test_labeled_stream_repeats_and_reshuffles_each_epoch(ray_cluster, synthetic
     )
     orders: dict[int, list[int]] = {}
     for _ in range(13):  # two whole epochs and the first step of a third
-        labeled, unlabeled = next(stream)
-        assert unlabeled is None and len(labeled.images) == len(labeled.targets) == 4
+        labeled = stream.labeled()
+        assert len(labeled.images) == len(labeled.targets) == 4
         assert all(image.dtype == torch.float32 and image.shape[0] == 3 for image in labeled.images)
         orders.setdefault(stream.position()["labeled_epoch"], []).extend(
             stream.last_image_ids["labeled"]
@@ -136,7 +136,7 @@ def test_resume_epochs_and_short_epoch_tails_are_dropped(ray_cluster, shard_set)
     )
     positions = []
     for _ in range(3):
-        labeled, unlabeled = next(stream)
+        labeled, unlabeled = stream.labeled(), stream.unlabeled()
         assert len(labeled.images) == 1 and len(unlabeled.weak) == len(unlabeled.strong) == 2
         positions.append(stream.position())
 
@@ -155,7 +155,7 @@ def test_resume_epochs_and_short_epoch_tails_are_dropped(ray_cluster, shard_set)
 def test_a_shard_smaller_than_a_step_fails_instead_of_hanging(ray_cluster):
     stream = StepBatches(ray.data.range(3).iterator(), None, 4, 4, "cpu", seed=0)
     with pytest.raises(ShardTooSmallError, match="has 3 rows, fewer than the 4"):
-        next(stream)
+        stream.labeled()
 
 
 def test_an_undecodable_image_surfaces_with_its_file_name(ray_cluster, synthetic, tmp_path):
@@ -172,7 +172,7 @@ def test_an_undecodable_image_surfaces_with_its_file_name(ray_cluster, synthetic
         unlabeled_dataset(broken, AUGMENT, seed=0).iterator(), None, 1, 1, "cpu", seed=0
     )
     with pytest.raises(Exception, match=f"cannot decode image {victim}"):
-        next(stream)
+        stream.labeled()
 
 
 def test_two_train_workers_each_get_exactly_1_labeled_and_4_unlabeled_a_step(
@@ -193,7 +193,7 @@ def test_two_train_workers_each_get_exactly_1_labeled_and_4_unlabeled_a_step(
         )
         steps = []
         for _ in range(config["steps"]):
-            labeled, unlabeled = next(stream)
+            labeled, unlabeled = stream.labeled(), stream.unlabeled()
             boxes_inside = all(
                 bool(
                     (t["boxes"] >= 0).all()

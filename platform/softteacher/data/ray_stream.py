@@ -395,14 +395,15 @@ def epoch_seed(seed: int, stream: str, epoch: int) -> int:
 
 
 class StepBatches:
-    """Infinite iterator of ``(labeled batch, unlabeled batch or None)``, one pair a step.
+    """One worker's step data: ``labeled(images)`` and ``unlabeled()`` batches, drawn on demand.
 
-    Each step has exactly ``labeled_per_step`` labeled and ``unlabeled_per_step`` unlabeled
-    images. ``position()`` is the data position to checkpoint; passing it back as
-    ``start_epoch`` resumes each stream at the start of the epoch it was in (rows of an epoch
-    arrive in a scheduling-dependent order, so a mid-epoch offset could not be replayed).
-    Every Train worker must take the same number of steps: Ray's streaming split starts an
-    epoch only when all workers ask for it.
+    Labeled images come in units of ``labeled_per_step`` (a burn-in step takes several units,
+    as many images as a supervised step), unlabeled ones ``unlabeled_per_step`` at a time; a
+    stream that is never asked for never starts. ``position()`` is the data position to
+    checkpoint; passing it back as ``start_epoch`` resumes each stream at the start of the
+    epoch it was in (rows of an epoch arrive in a scheduling-dependent order, so a mid-epoch
+    offset could not be replayed). Every Train worker must take the same number of steps:
+    Ray's streaming split starts an epoch only when all workers ask for it.
     """
 
     def __init__(
@@ -419,8 +420,9 @@ class StepBatches:
     ) -> None:
         starts = _start_epochs(start_epoch)
         self.device = torch.device(device)
-        # Which images the last step used (DetectionBatch carries no ids): for logs and tests.
+        # Which images the last batches used (DetectionBatch carries no ids): for logs and tests.
         self.last_image_ids: dict[str, list[int]] = {}
+        self._labeled_unit = labeled_per_step
         self._labeled = EpochBatches(
             "labeled",
             labeled_shard,
@@ -442,18 +444,28 @@ class StepBatches:
             )
         )
 
-    def __iter__(self) -> StepBatches:
-        return self
+    def labeled(self, images: int | None = None) -> DetectionBatch:
+        """``images`` labeled images (default ``labeled_per_step``), a multiple of it."""
+        images = self._labeled_unit if images is None else images
+        if images % self._labeled_unit:
+            raise ValueError(
+                f"a step cannot take {images} labeled images from a stream of "
+                f"{self._labeled_unit}-image batches; make it a multiple of labeled_per_step"
+            )
+        samples = [
+            sample
+            for _ in range(images // self._labeled_unit)
+            for sample in labeled_samples(self._labeled.next_batch())
+        ]
+        self.last_image_ids["labeled"] = [int(s.image_id) for s in samples]
+        return collate_labeled(samples, self.device)
 
-    def __next__(self) -> tuple[DetectionBatch, UnlabeledBatch | None]:
-        labeled = labeled_samples(self._labeled.next_batch())
-        self.last_image_ids = {"labeled": [int(s.image_id) for s in labeled]}
-        labeled_batch = collate_labeled(labeled, self.device)
+    def unlabeled(self) -> UnlabeledBatch:
         if self._unlabeled is None:
-            return labeled_batch, None
-        unlabeled = unlabeled_samples(self._unlabeled.next_batch())
-        self.last_image_ids["unlabeled"] = [int(s.image_id) for s in unlabeled]
-        return labeled_batch, collate_unlabeled(unlabeled, self.device)
+            raise RuntimeError("this run streams no unlabeled images (its method is supervised)")
+        samples = unlabeled_samples(self._unlabeled.next_batch())
+        self.last_image_ids["unlabeled"] = [int(s.image_id) for s in samples]
+        return collate_unlabeled(samples, self.device)
 
     def position(self) -> dict[str, int]:
         """Epochs in progress and batches taken in them: what a checkpoint stores."""

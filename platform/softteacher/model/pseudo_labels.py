@@ -34,18 +34,21 @@ class TeacherView:
 
 @dataclass
 class PseudoTargets:
-    """Pseudo boxes in the strong view: one target list per loss that uses them."""
+    """Pseudo boxes in the strong view: one target list per loss that uses them, and the
+    ``uncertain`` boxes (candidates at or below cls_thr) that those losses must not call
+    background (empty unless ``MethodConfig.ignore_uncertain``)."""
 
     rpn: list[dict[str, Tensor]]
     cls: list[dict[str, Tensor]]
     reg: list[dict[str, Tensor]]
+    uncertain: list[Tensor]
 
     def counts_per_image(self) -> dict[str, float]:
         n = max(len(self.cls), 1)
         return {
             f"pseudo/{name}_per_image": sum(len(t["boxes"]) for t in targets) / n
             for name, targets in (("rpn", self.rpn), ("cls", self.cls), ("reg", self.reg))
-        }
+        } | {"pseudo/uncertain_per_image": sum(len(b) for b in self.uncertain) / n}
 
 
 @torch.no_grad()
@@ -93,7 +96,7 @@ def pseudo_targets(view: TeacherView, batch: UnlabeledBatch, cfg: MethodConfig) 
     """Candidates mapped into the strong views and split by use (notes, steps 4 and 6):
     ``rpn`` score > rpn_thr (class-agnostic), ``cls`` score > cls_thr, ``reg`` the candidates
     whose jitter variance is below reg_thr (the cls boxes when the method has no jittering)."""
-    rpn, cls, reg = [], [], []
+    rpn, cls, reg, uncertain = [], [], [], []
     for i, (boxes, labels, scores, variances) in enumerate(
         zip(view.boxes, view.labels, view.scores, view.variances, strict=True)
     ):
@@ -109,9 +112,13 @@ def pseudo_targets(view: TeacherView, batch: UnlabeledBatch, cfg: MethodConfig) 
         cls.append(_target(mapped[cls_keep], labels[cls_keep]))
         reg_keep = visible & (variances < cfg.reg_thr)
         reg.append(_target(mapped[reg_keep], labels[reg_keep]))
+        uncertain_keep = visible & ~cls_keep if cfg.ignore_uncertain else visible & False
+        uncertain.append(mapped[uncertain_keep].reshape(-1, 4).float())
     # Without jittering the regression loss uses the classification boxes themselves; the
     # same object lets the student reuse one RoI sampling for both losses.
-    return PseudoTargets(rpn=rpn, cls=cls, reg=reg if cfg.uses_jitter else cls)
+    return PseudoTargets(
+        rpn=rpn, cls=cls, reg=reg if cfg.uses_jitter else cls, uncertain=uncertain
+    )
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import box_iou
 
 from softteacher.config import MethodConfig
@@ -81,7 +82,7 @@ class StudentLosses(nn.Module):
     ) -> dict[str, Tensor]:
         """L_u of Eq. 11: RPN on ``rpn`` boxes, soft-weighted classification (Eq. 4-5) on
         ``cls`` boxes, and regression (Eq. 10) on the jitter-reliable ``reg`` boxes."""
-        proposals, rpn = self.detector.rpn(images, features, pseudo.rpn)
+        proposals, rpn = rpn_ignoring_uncertain(self.detector.rpn, images, features, pseudo)
         losses = {
             "unsup_rpn_objectness": rpn["loss_objectness"],
             "unsup_rpn_box": rpn["loss_rpn_box_reg"],
@@ -117,9 +118,41 @@ class StudentLosses(nn.Module):
         else:
             teacher = torch.zeros_like(student_bg)
         max_iou = torch.cat([_max_iou(b, t["boxes"]) for b, t in zip(boxes, pseudo.cls)])
-        return background_reliability(
+        reliability = background_reliability(
             indicator, teacher_bg=teacher, student_bg=student_bg, max_iou=max_iou
         )
+        # A box that would be foreground were an uncertain box an object is not background.
+        fg_iou = self.detector.roi_heads.proposal_matcher.high_threshold
+        uncertain_iou = torch.cat([_max_iou(b, u) for b, u in zip(boxes, pseudo.uncertain)])
+        return torch.where(uncertain_iou >= fg_iou, torch.zeros_like(reliability), reliability)
+
+
+def rpn_ignoring_uncertain(
+    rpn: RegionProposalNetwork,
+    images: ImageList,
+    features: dict[str, Tensor],
+    pseudo: PseudoTargets,
+) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Torchvision's RPN forward on the ``rpn`` pseudo boxes, except that anchors it would
+    call background but that overlap an uncertain box as much as a non-negative anchor
+    overlaps its object are ignored (label -1) rather than taught "no object"."""
+    if not any(len(u) for u in pseudo.uncertain):
+        return rpn(images, features, pseudo.rpn)
+    levels = list(features.values())
+    objectness, deltas = rpn.head(levels)
+    anchors = rpn.anchor_generator(images, levels)
+    per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    decoded = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+    boxes, _ = rpn.filter_proposals(decoded, objectness, images.image_sizes, per_level)
+    labels, matched = rpn.assign_targets_to_anchors(anchors, pseudo.rpn)
+    bg_iou = rpn.proposal_matcher.low_threshold
+    for image_labels, image_anchors, uncertain in zip(labels, anchors, pseudo.uncertain):
+        near_uncertain = _max_iou(image_anchors, uncertain) >= bg_iou
+        image_labels[(image_labels == 0.0) & near_uncertain] = -1.0
+    targets = rpn.box_coder.encode(matched, anchors)
+    loss_objectness, loss_box = rpn.compute_loss(objectness, deltas, labels, targets)
+    return boxes, {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
 
 
 def _max_iou(boxes: Tensor, pseudo_boxes: Tensor) -> Tensor:

@@ -10,9 +10,15 @@ from pathlib import Path
 import torch
 
 from softteacher.config import ExperimentConfig
-from softteacher.data.collate import UnlabeledBatch, collate_labeled, collate_unlabeled
+from softteacher.data.collate import (
+    DetectionBatch,
+    UnlabeledBatch,
+    collate_labeled,
+    collate_unlabeled,
+)
 from softteacher.data.protocol import FoldData
-from softteacher.data.streams import batched, labeled_stream, unlabeled_stream
+from softteacher.data.samples import LabeledSample, UnlabeledSample
+from softteacher.data.streams import labeled_stream, unlabeled_stream
 from softteacher.eval.models import evaluate_run
 from softteacher.train.checkpoint import (
     has_checkpoint,
@@ -27,6 +33,29 @@ from softteacher.train.trainer import SoftTeacherTrainer
 def print_metrics(step: int, metrics: Metrics) -> None:
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
     print(f"step {step}: {shown}", flush=True)
+
+
+class LocalSteps:
+    """In-process step data: lazy augmented streams, so unused views are never made."""
+
+    def __init__(
+        self,
+        labeled: Iterator[LabeledSample],
+        unlabeled: Iterator[UnlabeledSample],
+        unlabeled_per_step: int,
+        device: torch.device,
+    ) -> None:
+        self._labeled = labeled
+        self._unlabeled = unlabeled
+        self._unlabeled_per_step = unlabeled_per_step
+        self._device = device
+
+    def labeled(self, images: int) -> DetectionBatch:
+        return collate_labeled(list(itertools.islice(self._labeled, images)), self._device)
+
+    def unlabeled(self) -> UnlabeledBatch:
+        samples = list(itertools.islice(self._unlabeled, self._unlabeled_per_step))
+        return collate_unlabeled(samples, self._device)
 
 
 def run_single_process(
@@ -50,17 +79,12 @@ def run_single_process(
         load_weights(trainer, Path(cfg.train.init_from))
     # The data position is the step: a resumed run draws a fresh, reproducible order.
     seed = cfg.train.seed * 1_000_003 + trainer.step_count
-    n_labeled, n_unlabeled = cfg.step_batch_sizes()
-    labeled_batches = (
-        collate_labeled(samples, device)
-        for samples in batched(labeled_stream(labeled, cfg.augment, seed), n_labeled)
+    source = LocalSteps(
+        labeled_stream(labeled, cfg.augment, seed),
+        unlabeled_stream(unlabeled, cfg.augment, seed + 1),
+        cfg.train.unlabeled_per_step,
+        device,
     )
-    unlabeled_batches: Iterator[UnlabeledBatch | None] = itertools.repeat(None)
-    if n_unlabeled:
-        unlabeled_batches = (
-            collate_unlabeled(samples, device)
-            for samples in batched(unlabeled_stream(unlabeled, cfg.augment, seed + 1), n_unlabeled)
-        )
 
     def checkpoint(trainer: SoftTeacherTrainer, metrics: Metrics) -> None:
         if checkpoint_dir is not None:
@@ -71,4 +95,4 @@ def run_single_process(
         evaluate=lambda t: evaluate_run(t, val, unlabeled, cfg).metrics,
         checkpoint=checkpoint,
     )
-    return fit(trainer, zip(labeled_batches, unlabeled_batches), hooks)
+    return fit(trainer, source, hooks)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from softteacher.data.collate import DetectionBatch, UnlabeledBatch
 from softteacher.train.trainer import SoftTeacherTrainer
@@ -22,11 +23,19 @@ class LoopHooks:
     checkpoint: Callable[[SoftTeacherTrainer, Metrics], None]
 
 
-StepBatches = Iterator[tuple[DetectionBatch, UnlabeledBatch | None]]
+class StepSource(Protocol):
+    """Where a step's images come from: Ray Data shards or in-process streams."""
+
+    def labeled(self, images: int) -> DetectionBatch: ...
+
+    def unlabeled(self) -> UnlabeledBatch: ...
 
 
-def fit(trainer: SoftTeacherTrainer, batches: StepBatches, hooks: LoopHooks) -> Metrics:
+def fit(trainer: SoftTeacherTrainer, source: StepSource, hooks: LoopHooks) -> Metrics:
     """Train from the trainer's current step to ``max_steps``; return the final evaluation.
+
+    Each step asks ``source`` for what ``step_batch_sizes`` says the step takes: burn-in
+    steps read labeled images only, and the unlabeled stream starts after them.
 
     Logged figures are means over the last ``log_every`` steps, with images/s over that
     window: data waiting included (the user pays for it), evaluation and checkpoints not.
@@ -36,7 +45,9 @@ def fit(trainer: SoftTeacherTrainer, batches: StepBatches, hooks: LoopHooks) -> 
     window_start, window_images = time.perf_counter(), 0
     evaluation: Metrics = {}
     while trainer.step_count < cfg.max_steps:
-        labeled, unlabeled = next(batches)
+        n_labeled, n_unlabeled = trainer.cfg.step_batch_sizes(trainer.step_count)
+        labeled = source.labeled(n_labeled)
+        unlabeled = source.unlabeled() if n_unlabeled else None
         for key, value in trainer.step(labeled, unlabeled).items():
             window[key].append(value)
         window_images += len(labeled.images) + (len(unlabeled.weak) if unlabeled else 0)

@@ -121,12 +121,11 @@ def train_loop_per_worker(config: dict) -> None:
     elif cfg.train.init_from:
         load_weights(trainer, Path(cfg.train.init_from))
 
-    n_labeled, n_unlabeled = cfg.step_batch_sizes()
     batches = StepBatches(
         ray.train.get_dataset_shard("labeled"),
-        ray.train.get_dataset_shard("unlabeled") if n_unlabeled else None,
-        n_labeled,
-        n_unlabeled,
+        ray.train.get_dataset_shard("unlabeled") if cfg.method.uses_unlabeled else None,
+        cfg.labeled_batch_unit(),
+        cfg.train.unlabeled_per_step,
         device,
         seed=cfg.train.seed + context.get_world_rank(),
         start_epoch=position,

@@ -72,9 +72,9 @@ class SoftTeacherTrainer:
 
     def step(self, labeled: DetectionBatch, unlabeled: UnlabeledBatch | None) -> dict[str, float]:
         """One student update and one teacher update; returns the figures worth logging."""
-        self.student.train()
         step = self.step_count
         alpha = self.unsup_weight(step)
+        self.student.train()
         metrics: dict[str, float] = {}
         if alpha > 0.0 and unlabeled is not None:
             view = teacher_view(self.teacher, unlabeled.weak, self.cfg.method)
