@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from softteacher.tune.sweep import SweepSettings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.ray
@@ -87,3 +89,15 @@ def test_two_trial_sweep_records_runs_and_table_and_resumes(tmp_path):
     assert again.stdout.count("[start]") == 0  # finished trials are not rerun
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 3
+
+
+def test_a_preset_changed_in_code_names_a_new_sweep(monkeypatch):
+    """Rerunning the same command resumes; after the preset changed it must not, or the
+    resumed MLflow runs would keep the old params."""
+    import softteacher.config as config
+
+    settings = SweepSettings(preset="smoke")
+    assert SweepSettings(preset="smoke").name == settings.name
+    changed = config.PRESETS["smoke"]().replace(train={"max_steps": 13})
+    monkeypatch.setitem(config.PRESETS, "smoke", lambda: changed)
+    assert SweepSettings(preset="smoke").name != settings.name

@@ -154,7 +154,13 @@ class SweepSettings:
     def name(self) -> str:
         if self.sweep_name:
             return self.sweep_name
-        identity = dataclasses.asdict(self) | {"results_dir": None, "data_dir": None}
+        # The resolved config is part of the identity: a preset changed in code starts a new
+        # sweep instead of resuming one whose MLflow runs hold the old params.
+        identity = dataclasses.asdict(self) | {
+            "results_dir": None,
+            "data_dir": None,
+            "config": self.base_config().to_dict(),
+        }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.experiment_name}-{self.preset}-{digest}"
 
