@@ -96,8 +96,8 @@ def test_a_preset_changed_in_code_names_a_new_sweep(monkeypatch):
     resumed MLflow runs would keep the old params."""
     import softteacher.config as config
 
-    settings = SweepSettings(preset="smoke")
-    assert SweepSettings(preset="smoke").name == settings.name
+    before = SweepSettings(preset="smoke").name
+    assert SweepSettings(preset="smoke").name == before
     changed = config.PRESETS["smoke"]().replace(train={"max_steps": 13})
     monkeypatch.setitem(config.PRESETS, "smoke", lambda: changed)
-    assert SweepSettings(preset="smoke").name != settings.name
+    assert SweepSettings(preset="smoke").name != before
