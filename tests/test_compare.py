@@ -286,3 +286,25 @@ def test_cli_error_is_one_line(store: Store):
         f"compare.py: MLflow experiment 'fold_sweeep' does not exist in {store.uri}; existing "
         "experiments: ablations, Default, flat, fold_sweep (pass one with --experiment)"
     ]
+
+
+def test_curve_table_lists_each_run_at_its_evaluation_steps(store: Store, tmp_path: Path):
+    run = store.children[SCATTER_RUN]
+    out = tmp_path / "curves.md"
+    done = _compare(
+        "--tracking-uri",
+        store.uri,
+        "--runs",
+        run,
+        "--curves-md",
+        str(out),
+        "--curve-metrics",
+        "teacher/AP,pseudo/cls_per_image,loss/unsup_cls",
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()[2:]]
+    teacher_ap = TEACHER_AP[("soft_teacher_jitter", 10.0)][FOLDS.index(1)]
+    assert [[c.strip() for c in row] for row in rows] == [
+        [SCATTER_RUN, "4", f"{teacher_ap * 0.4:.1f}", "6.0", "0.100"],
+        [SCATTER_RUN, "10", f"{teacher_ap:.1f}", "12.0", "0.045"],
+    ]

@@ -138,6 +138,34 @@ def newest_parent_run(tracking_uri: str, experiment: str) -> str:
             )
 
 
+def curve_table(tracking_uri: str, run_ids: Sequence[str], metrics: Sequence[str]) -> str:
+    """Markdown: the metrics of each run at every step where its first metric was logged
+    (``teacher/AP``: the evaluation steps), one row a run and step. It shows whether a run
+    had plateaued, which a final figure cannot."""
+    if not metrics:
+        raise CompareError("curve_table needs at least one metric")
+    client = MlflowClient(tracking_uri)
+    lines = [
+        "| run | step | " + " | ".join(metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
+    for run_id in run_ids:
+        name = client.get_run(run_id).info.run_name
+        history = {
+            metric: {m.step: m.value for m in client.get_metric_history(run_id, metric)}
+            for metric in metrics
+        }
+        for step in sorted(history[metrics[0]]):
+            cells = [
+                f"{history[m][step]:.{3 if abs(history[m][step]) < 1.5 else 1}f}"
+                if step in history[m]
+                else _MISSING
+                for m in metrics
+            ]
+            lines.append(f"| {name} | {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def child_run_ids(runs: pd.DataFrame, parent_run_id: str) -> list[str]:
     """The loaded children of one sweep, in run-name order (stable across calls)."""
     if PARENT_COLUMN not in runs.columns:
