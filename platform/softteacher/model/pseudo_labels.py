@@ -112,7 +112,7 @@ def pseudo_targets(view: TeacherView, batch: UnlabeledBatch, cfg: MethodConfig) 
         cls.append(_target(mapped[cls_keep], labels[cls_keep]))
         reg_keep = visible & (variances < cfg.reg_thr)
         reg.append(_target(mapped[reg_keep], labels[reg_keep]))
-        uncertain_keep = visible & ~cls_keep if cfg.ignore_uncertain else visible & False
+        uncertain_keep = visible & ~cls_keep if cfg.ignore_uncertain else torch.zeros_like(visible)
         uncertain.append(mapped[uncertain_keep].reshape(-1, 4).float())
     # Without jittering the regression loss uses the classification boxes themselves; the
     # same object lets the student reuse one RoI sampling for both losses.
