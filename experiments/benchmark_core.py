@@ -108,52 +108,6 @@ def learning_curve(percents: list[float], steps: int) -> dict[float, dict[str, f
     return curve
 
 
-def continued_training(
-    init: Path, percent: float, steps: int, methods: list[str], fg_thr: float
-) -> dict[str, dict[str, float]]:
-    """Supervised vs Soft Teacher for the same extra steps from the same supervised
-    checkpoint (a controlled look at what the unlabeled images add), constant low lr."""
-    results = {}
-    for method in methods:
-        cfg = preset("cpu").replace(
-            method={
-                "method": method,
-                "burn_in_steps": 0,
-                "unsup_weight_ramp_steps": 100,
-                "cls_thr": fg_thr,
-                "rpn_thr": fg_thr,
-            },
-            train={
-                "max_steps": steps,
-                "eval_every": steps,
-                "ckpt_every": steps,
-                "log_every": 100,
-                "max_val_images": None,
-                "init_from": str(init),
-            },
-            optim={"lr": 0.002, "warmup_steps": 0, "decay_steps": ()},
-        )
-        fold = synthetic_folds(DATA, cfg.synthetic, [percent], [1])[0]
-        start = time.perf_counter()
-        pseudo: list[float] = []
-
-        def log(step: int, metrics: dict[str, float], pseudo: list[float] = pseudo) -> None:
-            if "pseudo/cls_per_image" in metrics:
-                pseudo.append(metrics["pseudo/cls_per_image"])
-
-        metrics = run_single_process(cfg, fold, log=log)
-        metrics["minutes"] = (time.perf_counter() - start) / 60
-        metrics["cls_pseudo_per_image"] = sum(pseudo) / len(pseudo) if pseudo else 0.0
-        results[method] = metrics
-        print(
-            f"{method}: teacher mAP {metrics['teacher/AP']:.1f}, student mAP "
-            f"{metrics['student/AP']:.1f}, pseudo boxes/image "
-            f"{metrics['cls_pseudo_per_image']:.2f} ({metrics['minutes']:.1f} min)",
-            flush=True,
-        )
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,12 +126,6 @@ def main() -> None:
     curve = sub.add_parser("curve")
     curve.add_argument("--percents", default="1,10,100")
     curve.add_argument("--steps", type=int, default=600)
-    cont = sub.add_parser("continue")
-    cont.add_argument("--init", type=Path, default=DATA / "bench" / "curve-10")
-    cont.add_argument("--percent", type=float, default=10.0)
-    cont.add_argument("--steps", type=int, default=500)
-    cont.add_argument("--methods", default="supervised,soft_teacher_jitter")
-    cont.add_argument("--fg-thr", type=float, default=preset("cpu").method.cls_thr)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -198,26 +146,6 @@ def main() -> None:
                 lines.append(row)
         out = RESULTS / "core_speed.md"
         out.write_text(f"Slim preset, {threads} torch threads, CPU.\n\n" + "\n".join(lines) + "\n")
-    elif args.command == "continue":
-        runs = continued_training(
-            args.init, args.percent, args.steps, args.methods.split(","), args.fg_thr
-        )
-        lines = [
-            "| method | teacher mAP | student mAP | cls pseudo boxes/image | minutes |",
-            "|---|---|---|---|---|",
-        ]
-        for method, m in runs.items():
-            lines.append(
-                f"| {method} | {m['teacher/AP']:.1f} | {m['student/AP']:.1f} | "
-                f"{m['cls_pseudo_per_image']:.2f} | {m['minutes']:.1f} |"
-            )
-        out = RESULTS / f"continue_{args.percent:g}pct_fg{args.fg_thr:g}.md"
-        out.write_text(
-            f"{args.steps} more steps from `{args.init.name}` ({args.percent:g}% labeled, "
-            f"fold 1), lr 0.002, fg_thr {args.fg_thr:g}, COCO mAP on the 300 val images.\n\n"
-            + "\n".join(lines)
-            + "\n"
-        )
     else:
         results = learning_curve([float(p) for p in args.percents.split(",")], args.steps)
         lines = [
