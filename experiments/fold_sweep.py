@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline", action="store_true", help="add the supervised run per (ratio, fold)"
     )
     parser.add_argument(
+        "--shared-burn-in",
+        action="store_true",
+        help="semi-supervised runs branch off the supervised run at the end of burn-in "
+        "(needs --baseline): both arms share one burn-in, and each trial trains only its "
+        "semi-supervised phase",
+    )
+    parser.add_argument(
         "--coco-root",
         type=Path,
         default=None,
@@ -111,6 +118,7 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         fg_thrs=args.fg_thr or (base.cls_thr,),
         var_thrs=args.var_thr or (base.reg_thr,),
         baseline=args.baseline,
+        shared_burn_in=args.shared_burn_in,
         coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
         results_dir=str((args.results_dir or Path(defaults.results_dir)).resolve()),
         data_dir=str((args.data_dir or Path(defaults.data_dir)).resolve()),

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from softteacher.tune.sweep import SweepSettings
+from softteacher.config import preset
+from softteacher.tune.sweep import SweepSettings, TrialSpec, split_shared_burn_in
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +102,44 @@ def test_a_preset_changed_in_code_names_a_new_sweep(monkeypatch):
     changed = config.PRESETS["smoke"]().replace(train={"max_steps": 13})
     monkeypatch.setitem(config.PRESETS, "smoke", lambda: changed)
     assert SweepSettings(preset="smoke").name != before
+
+
+def test_shared_burn_in_branches_the_semi_supervised_trial_off_the_baseline(tmp_path):
+    done = _sweep(tmp_path, "--shared-burn-in")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "shared burn-in: 1 run(s) first, then 1 semi-supervised run(s)" in done.stdout
+
+    burn_in = preset("smoke").method.burn_in_steps
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fold_sweep")
+    children = {
+        r.data.params["method"]: r
+        for r in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" in r.data.tags
+    }
+    supervised, soft = children["supervised"], children["soft_teacher_jitter"]
+    branch = Path(soft.data.params["train.branch_from"])
+    assert branch.parent.name.endswith(supervised.info.run_name)
+    steps = [m.step for m in client.get_metric_history(soft.info.run_id, "loss/total")]
+    assert min(steps) > burn_in  # it trained its semi-supervised phase only
+    baseline_steps = client.get_metric_history(supervised.info.run_id, "loss/total")
+    assert min(m.step for m in baseline_steps) <= burn_in
+    assert "final/teacher/AP" in soft.data.metrics
+
+
+def test_shared_burn_in_needs_a_supervised_trial_per_ratio_and_fold():
+    base = preset("smoke")
+    specs = SweepSettings(preset="smoke", ratios=(1.0, 10.0), folds=(1,)).trial_specs()
+    with pytest.raises(ValueError, match="add --baseline"):
+        split_shared_burn_in(specs, base)
+    with_baseline = SweepSettings(
+        preset="smoke", ratios=(10.0,), folds=(1,), methods=("soft_teacher", "multi_stage")
+    )
+    roots, branches = split_shared_burn_in(
+        with_baseline.trial_specs() + [TrialSpec(10.0, 1, "supervised", 0.5, 0.02)], base
+    )
+    assert [s.method for s in roots] == ["multi_stage", "supervised"]
+    assert [s.method for s in branches] == ["soft_teacher"]
+    no_burn_in = base.replace(method={"burn_in_steps": 0})
+    with pytest.raises(ValueError, match="burn_in_steps"):
+        split_shared_burn_in(roots + branches, no_burn_in)

@@ -170,6 +170,16 @@ class TrainConfig:
     max_val_images: int | None = None
     pseudo_quality_images: int = 64
     init_from: str | None = None  # a checkpoint folder: its student and teacher start the run
+    # a checkpoint folder whose whole state (weights, optimiser, schedule, step, data
+    # position) this new run continues from: a branch off another run at that step
+    branch_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.init_from and self.branch_from:
+            raise ValueError(
+                "train.init_from (weights only, a fresh schedule) and train.branch_from (the "
+                "whole state, the schedule continues) exclude each other; set one"
+            )
 
     @property
     def images_per_step(self) -> int:

@@ -46,3 +46,42 @@ def load_weights(trainer: SoftTeacherTrainer, directory: Path) -> None:
     state = torch.load(directory / CHECKPOINT_FILE, map_location=trainer.device, weights_only=False)
     trainer.student.load_state_dict(state["student"])
     trainer.teacher.load_state_dict(state["teacher"])
+
+
+def restore_start(trainer: SoftTeacherTrainer, resume_dir: Path | None) -> dict:
+    """Where a run starts, for both runners: its own last checkpoint (a resume), else the
+    run it branches off (``train.branch_from``: the whole state, so the schedule and the
+    step go on), else another run's weights (``train.init_from``), else step 0. Returns the
+    ``extra`` dict of the checkpoint the state came from ({} for a fresh start)."""
+    train = trainer.cfg.train
+    if has_checkpoint(resume_dir):
+        return load_checkpoint(trainer, resume_dir)
+    if train.branch_from:
+        return load_checkpoint(trainer, _existing(Path(train.branch_from), "train.branch_from"))
+    if train.init_from:
+        load_weights(trainer, _existing(Path(train.init_from), "train.init_from"))
+    return {}
+
+
+def checkpoint_at_step(run_dir: Path, step: int) -> Path:
+    """The checkpoint folder of ``run_dir`` (a run's folder of ``checkpoint_*`` folders, as
+    Ray Train writes them) saved at ``step``."""
+    for directory in sorted(run_dir.glob("checkpoint_*")):
+        if not has_checkpoint(directory):
+            continue
+        state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        if int(state["step"]) == step:
+            return directory
+    raise FileNotFoundError(
+        f"no checkpoint of step {step} under {run_dir}; the run saves one at the end of "
+        "burn-in (method.burn_in_steps) and every train.ckpt_every steps: rerun it to get one"
+    )
+
+
+def _existing(directory: Path, option: str) -> Path:
+    if not has_checkpoint(directory):
+        raise FileNotFoundError(
+            f"{option}: no {CHECKPOINT_FILE} in {directory}; point it at a checkpoint folder "
+            "of a finished or running run"
+        )
+    return directory

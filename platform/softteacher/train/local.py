@@ -20,12 +20,7 @@ from softteacher.data.protocol import FoldData
 from softteacher.data.samples import LabeledSample, UnlabeledSample
 from softteacher.data.streams import labeled_stream, unlabeled_stream
 from softteacher.eval.models import evaluate_run
-from softteacher.train.checkpoint import (
-    has_checkpoint,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-)
+from softteacher.train.checkpoint import restore_start, save_checkpoint
 from softteacher.train.loop import LoopHooks, Metrics, fit
 from softteacher.train.trainer import SoftTeacherTrainer
 
@@ -73,10 +68,7 @@ def run_single_process(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     labeled, unlabeled, val = fold.load()
     trainer = SoftTeacherTrainer(cfg, device)
-    if has_checkpoint(checkpoint_dir):
-        load_checkpoint(trainer, checkpoint_dir)
-    elif cfg.train.init_from:
-        load_weights(trainer, Path(cfg.train.init_from))
+    restore_start(trainer, checkpoint_dir)
     # The data position is the step: a resumed run draws a fresh, reproducible order.
     seed = cfg.train.seed * 1_000_003 + trainer.step_count
     source = LocalSteps(

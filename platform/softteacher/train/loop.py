@@ -64,7 +64,8 @@ def fit(trainer: SoftTeacherTrainer, source: StepSource, hooks: LoopHooks) -> Me
         if step % cfg.eval_every == 0 or last:
             evaluation = hooks.evaluate(trainer)
             hooks.log(step, evaluation)
-        if step % cfg.ckpt_every == 0 or last:
+        # the end of burn-in too: the branch point of semi-supervised runs (train.branch_from)
+        if step % cfg.ckpt_every == 0 or last or step == trainer.cfg.method.burn_in_steps:
             hooks.checkpoint(trainer, evaluation)
         window_start += time.perf_counter() - paused  # images/s counts training time only
     return evaluation

@@ -30,7 +30,7 @@ from softteacher.track.mlflow_runs import (
     log_metrics,
     set_tags,
 )
-from softteacher.train.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from softteacher.train.checkpoint import restore_start, save_checkpoint
 from softteacher.train.loop import LoopHooks, Metrics, fit
 from softteacher.train.progress_metrics import ProgressGauges
 from softteacher.train.trainer import SoftTeacherTrainer
@@ -113,13 +113,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     wrap = _prepare_ddp if context.get_world_size() > 1 else (lambda module: module)
     trainer = SoftTeacherTrainer(cfg, device, wrap_student=wrap)
-    position: dict = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            position = load_checkpoint(trainer, Path(directory)).get("data_position", {})
-    elif cfg.train.init_from:
-        load_weights(trainer, Path(cfg.train.init_from))
+            start = restore_start(trainer, Path(directory))
+    else:
+        start = restore_start(trainer, None)
+    position = start.get("data_position", {})
 
     batches = StepBatches(
         ray.train.get_dataset_shard("labeled"),

@@ -52,6 +52,7 @@ from softteacher.track.tables import (
     summarize,
     write_tables,
 )
+from softteacher.train.checkpoint import checkpoint_at_step
 from softteacher.train.multi_stage import PseudoLabelReport, label_fold_from_checkpoint
 from softteacher.train.ray_worker import WorkerJob, WorkerResources, build_torch_trainer
 from softteacher.tune.progress import TrialEventPrinter
@@ -77,6 +78,7 @@ class TrialSpec:
     var_thr: float
     indicator: str | None = None  # None: the preset's (BG-T)
     n_jitter: int | None = None  # None: the preset's
+    branch_from: str | None = None  # a shared burn-in checkpoint (not part of the name)
 
     @property
     def name(self) -> str:
@@ -99,7 +101,8 @@ class TrialSpec:
             changes["indicator"] = self.indicator
         if self.n_jitter is not None:
             changes["n_jitter"] = self.n_jitter
-        return cfg.replace(method=changes)
+        cfg = cfg.replace(method=changes)
+        return cfg.replace(train={"branch_from": self.branch_from}) if self.branch_from else cfg
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class SweepSettings:
     fg_thrs: tuple[float, ...] = (0.9,)
     var_thrs: tuple[float, ...] = (0.02,)
     baseline: bool = False
+    # semi-supervised trials branch off their (ratio, fold)'s supervised trial at the end of
+    # burn-in instead of repeating it, so both arms share one burn-in
+    shared_burn_in: bool = False
     coco_root: str | None = None
     results_dir: str = str(PROJECT_ROOT / "experiments" / "results")
     data_dir: str = str(PROJECT_ROOT / "data")
@@ -216,9 +222,46 @@ def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> 
         "parent": dataclasses.asdict(parent),
         "folds": {key: _prepared_to_dict(p) for key, p in prepared.items()},
     }
+    if settings.shared_burn_in:
+        roots, branches = split_shared_burn_in(specs, base)
+        burn_in = base.method.burn_in_steps
+        print(
+            f"shared burn-in: {len(roots)} run(s) first, then {len(branches)} semi-supervised "
+            f"run(s) branch off their supervised run's step-{burn_in} checkpoint"
+        )
+        finished, errors = _run_grid(settings, roots, shared, name=f"{settings.name}-roots")
+        branched = [
+            dataclasses.replace(spec, branch_from=str(path))
+            for spec, path in _branch_points(settings, branches, roots, burn_in, finished)
+        ]
+        errors += len(branches) - len(branched)
+        more, more_errors = _run_grid(settings, branched, shared, name=settings.name)
+        finished, errors = finished + more, errors + more_errors
+    else:
+        finished, errors = _run_grid(settings, specs, shared, name=settings.name)
+    summaries = summarize([_trial_result(t) for t in finished])
+    print(format_table(summaries))
+    paths = write_tables(summaries, results_dir, stem=f"{settings.name}_table")
+    log_tables_to_run(parent, summaries, paths)
+    for path in paths.values():
+        print(f"wrote {path}")
+    if errors:
+        print(f"{errors} trial(s) failed; rerun the same command to retry them")
+    else:
+        finish_run(parent)
+    return finished
+
+
+def _run_grid(
+    settings: SweepSettings, specs: list[TrialSpec], shared: dict, *, name: str
+) -> tuple[list[FinishedTrial], int]:
+    """One Tune experiment over ``specs`` (resumed when ``name`` ran before); returns the
+    finished trials and how many failed."""
+    if not specs:
+        return [], 0
     trainable = tune.with_resources(run_trial, {"CPU": TUNE_DRIVER_CPUS})
-    storage = results_dir / "ray"
-    experiment_path = storage / settings.name
+    storage = Path(settings.results_dir) / "ray"
+    experiment_path = storage / name
     if tune.Tuner.can_restore(str(experiment_path)):
         print(f"resuming sweep from {experiment_path}")
         tuner = tune.Tuner.restore(
@@ -235,7 +278,7 @@ def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> 
                 max_concurrent_trials=max_concurrent_trials(settings.resources)
             ),
             run_config=tune.RunConfig(
-                name=settings.name,
+                name=name,
                 storage_path=str(storage),
                 callbacks=[TrialEventPrinter()],
                 verbose=0,
@@ -250,18 +293,61 @@ def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> 
         for r in grid
         if r.error is None and r.metrics and "final" in r.metrics
     ]
-    errors = [r for r in grid if r.error is not None]
-    summaries = summarize([_trial_result(t) for t in finished])
-    print(format_table(summaries))
-    paths = write_tables(summaries, results_dir, stem=f"{settings.name}_table")
-    log_tables_to_run(parent, summaries, paths)
-    for path in paths.values():
-        print(f"wrote {path}")
-    if errors:
-        print(f"{len(errors)} trial(s) failed; rerun the same command to retry them")
-    else:
-        finish_run(parent)
-    return finished
+    return finished, sum(r.error is not None for r in grid)
+
+
+def split_shared_burn_in(
+    specs: list[TrialSpec], base: ExperimentConfig
+) -> tuple[list[TrialSpec], list[TrialSpec]]:
+    """The trials that run first (the supervised ones, and multi-stage, which does not
+    branch) and the semi-supervised ones that branch off the supervised trial of their
+    (ratio, fold) at the end of burn-in."""
+    if base.method.burn_in_steps <= 0 or base.method.burn_in_steps >= base.train.max_steps:
+        raise ValueError(
+            f"a shared burn-in needs 0 < method.burn_in_steps < train.max_steps (the preset "
+            f"has {base.method.burn_in_steps} and {base.train.max_steps}); choose a preset "
+            "with a burn-in or drop --shared-burn-in"
+        )
+    branches = [
+        s for s in specs if s.method != "multi_stage" and s.apply(base).method.uses_unlabeled
+    ]
+    roots = [s for s in specs if s not in branches]
+    supervised = {(s.ratio, s.fold) for s in roots if s.method == "supervised"}
+    orphans = sorted({(s.ratio, s.fold) for s in branches} - supervised)
+    if orphans:
+        raise ValueError(
+            "a shared burn-in branches each semi-supervised trial off the supervised trial of "
+            f"its (ratio, fold), and {orphans} have none: add --baseline"
+        )
+    return roots, branches
+
+
+def _branch_points(
+    settings: SweepSettings,
+    branches: list[TrialSpec],
+    roots: list[TrialSpec],
+    burn_in: int,
+    finished: list[FinishedTrial],
+) -> list[tuple[TrialSpec, Path]]:
+    """Each branch with its supervised trial's end-of-burn-in checkpoint; a branch whose
+    supervised trial did not finish is left out (with a message) until a rerun."""
+    done = {(t.spec.ratio, t.spec.fold) for t in finished if t.spec.method == "supervised"}
+    supervised = {(s.ratio, s.fold): s for s in roots if s.method == "supervised"}
+    points = []
+    for spec in branches:
+        key = (spec.ratio, spec.fold)
+        if key not in done:
+            print(f"{spec.name}: waits for its supervised trial, which did not finish")
+            continue
+        train_runs = Path(settings.results_dir) / "ray" / "train"
+        run_dir = train_runs / _run_name(settings, supervised[key])
+        points.append((spec, checkpoint_at_step(run_dir, burn_in)))
+    return points
+
+
+def _run_name(settings: SweepSettings, spec: TrialSpec) -> str:
+    """The Ray Train run of a trial (unique to it: Ray Train resumes by name)."""
+    return f"{settings.name}-{spec.name}"
 
 
 def prepare_folds(settings: SweepSettings, base: ExperimentConfig) -> dict[str, PreparedFold]:
@@ -324,7 +410,7 @@ def run_trial(config: dict) -> None:
         tune.report(_final_metrics_of(child) | {"final": 1.0})
         return
     log_json_artifact(child, "config.json", cfg.to_dict())
-    run_name = f"{settings.name}-{spec.name}"
+    run_name = _run_name(settings, spec)
     summary: dict = {"trial": dataclasses.asdict(spec)}
     if spec.method == "multi_stage":
         result, summary["multi_stage"] = _fit_multi_stage(
