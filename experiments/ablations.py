@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of a local cluster")
     parser.add_argument("--dashboard-port", type=int, default=8265, help="of a local cluster")
+    parser.add_argument(
+        "--shared-burn-in",
+        action="store_true",
+        help="the semi-supervised rows branch off one supervised run at the end of burn-in "
+        "(as fold_sweep.py --shared-burn-in): each trains its semi-supervised phase only",
+    )
     parser.add_argument("--results-dir", type=Path, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
     return parser.parse_args(argv)
@@ -77,6 +83,7 @@ def settings_from_args(args: argparse.Namespace) -> AblationSettings:
         coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
         resources=resources,
         max_steps=args.max_steps,
+        shared_burn_in=args.shared_burn_in,
     )
 
 

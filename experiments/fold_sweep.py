@@ -62,9 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shared-burn-in",
         action="store_true",
-        help="semi-supervised runs branch off the supervised run at the end of burn-in "
-        "(needs --baseline): both arms share one burn-in, and each trial trains only its "
-        "semi-supervised phase",
+        help="semi-supervised runs branch off the supervised run (added when --baseline is "
+        "not given) at the end of burn-in: both arms share one burn-in, and each "
+        "semi-supervised trial trains only its semi-supervised phase",
     )
     parser.add_argument(
         "--coco-root",

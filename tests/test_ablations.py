@@ -82,8 +82,10 @@ def test_sweep_names_change_with_what_changes_the_trials():
         AblationSettings(preset="cpu", max_steps=4).sweep_name(table),
         AblationSettings(preset="cpu", fold=2).sweep_name(table),
         AblationSettings(preset="cpu").sweep_name(table.select(["5"]), partial=True),
+        AblationSettings(preset="cpu", shared_burn_in=True).sweep_name(table),
     }
-    assert len(names) == 4
+    assert len(names) == 5
+    assert AblationSettings(shared_burn_in=True).sweep_settings(table).shared_burn_in
 
 
 def test_select_tables_filters_tables_and_rows_and_names_mistakes():

@@ -4,6 +4,7 @@ MLflow store and its table; a rerun resumes instead of training again."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from softteacher.config import preset
-from softteacher.tune.sweep import SweepSettings, TrialSpec, split_shared_burn_in
+from softteacher.tune.sweep import SweepSettings, split_shared_burn_in
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,19 +128,27 @@ def test_shared_burn_in_branches_the_semi_supervised_trial_off_the_baseline(tmp_
     assert "final/teacher/AP" in soft.data.metrics
 
 
-def test_shared_burn_in_needs_a_supervised_trial_per_ratio_and_fold():
+def test_shared_burn_in_runs_a_supervised_trial_first_for_each_ratio_and_fold():
     base = preset("smoke")
     specs = SweepSettings(preset="smoke", ratios=(1.0, 10.0), folds=(1,)).trial_specs()
-    with pytest.raises(ValueError, match="add --baseline"):
-        split_shared_burn_in(specs, base)
-    with_baseline = SweepSettings(
-        preset="smoke", ratios=(10.0,), folds=(1,), methods=("soft_teacher", "multi_stage")
+    roots, branches = split_shared_burn_in(specs, base)
+    assert branches == specs
+    assert [(s.method, s.ratio, s.fold) for s in roots] == [
+        ("supervised", 1.0, 1),
+        ("supervised", 10.0, 1),
+    ]
+    mixed = SweepSettings(
+        preset="smoke",
+        ratios=(10.0,),
+        folds=(1,),
+        methods=("soft_teacher", "multi_stage"),
+        baseline=True,
     )
-    roots, branches = split_shared_burn_in(
-        with_baseline.trial_specs() + [TrialSpec(10.0, 1, "supervised", 0.5, 0.02)], base
-    )
-    assert [s.method for s in roots] == ["multi_stage", "supervised"]
+    roots, branches = split_shared_burn_in(mixed.trial_specs(), base)
+    assert [s.method for s in roots] == ["multi_stage", "supervised"]  # no second baseline
     assert [s.method for s in branches] == ["soft_teacher"]
+    branched = dataclasses.replace(branches[0], branch_from="/somewhere/checkpoint_1")
+    assert branched == branches[0]  # where a trial starts is not which trial it is
     no_burn_in = base.replace(method={"burn_in_steps": 0})
     with pytest.raises(ValueError, match="burn_in_steps"):
         split_shared_burn_in(roots + branches, no_burn_in)

@@ -210,6 +210,7 @@ class AblationSettings:
     coco_root: str | None = None
     resources: WorkerResources = field(default_factory=WorkerResources)
     max_steps: int | None = None
+    shared_burn_in: bool = False  # the semi-supervised rows branch off one supervised burn-in
 
     def sweep_name(self, table: AblationTable, *, partial: bool = False) -> str:
         """``ablations-table6-cpu-r10-f1`` (+ what else changes the trials): a rerun of the
@@ -219,6 +220,8 @@ class AblationSettings:
             name += "-coco"
         if self.max_steps is not None:
             name += f"-steps{self.max_steps}"
+        if self.shared_burn_in:
+            name += "-shared"
         if partial:
             name += "-rows-" + "-".join(row.key for row in table.rows)
         return name
@@ -234,6 +237,7 @@ class AblationSettings:
             data_dir=self.data_dir,
             resources=self.resources,
             max_steps=self.max_steps,
+            shared_burn_in=self.shared_burn_in,
             experiment_name=EXPERIMENT_NAME,
             sweep_name=self.sweep_name(table, partial=partial),
         )

@@ -78,7 +78,8 @@ class TrialSpec:
     var_thr: float
     indicator: str | None = None  # None: the preset's (BG-T)
     n_jitter: int | None = None  # None: the preset's
-    branch_from: str | None = None  # a shared burn-in checkpoint (not part of the name)
+    # a shared burn-in checkpoint: where the trial starts, not which trial it is
+    branch_from: str | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -301,7 +302,8 @@ def split_shared_burn_in(
 ) -> tuple[list[TrialSpec], list[TrialSpec]]:
     """The trials that run first (the supervised ones, and multi-stage, which does not
     branch) and the semi-supervised ones that branch off the supervised trial of their
-    (ratio, fold) at the end of burn-in."""
+    (ratio, fold) at the end of burn-in; a (ratio, fold) without a supervised trial gets one
+    (the preset's thresholds), as ``--baseline`` would add."""
     if base.method.burn_in_steps <= 0 or base.method.burn_in_steps >= base.train.max_steps:
         raise ValueError(
             f"a shared burn-in needs 0 < method.burn_in_steps < train.max_steps (the preset "
@@ -313,12 +315,12 @@ def split_shared_burn_in(
     ]
     roots = [s for s in specs if s not in branches]
     supervised = {(s.ratio, s.fold) for s in roots if s.method == "supervised"}
-    orphans = sorted({(s.ratio, s.fold) for s in branches} - supervised)
-    if orphans:
-        raise ValueError(
-            "a shared burn-in branches each semi-supervised trial off the supervised trial of "
-            f"its (ratio, fold), and {orphans} have none: add --baseline"
-        )
+    orphans = dict.fromkeys((s.ratio, s.fold) for s in branches)
+    roots += [
+        TrialSpec(ratio, fold, "supervised", base.method.cls_thr, base.method.reg_thr)
+        for ratio, fold in orphans
+        if (ratio, fold) not in supervised
+    ]
     return roots, branches
 
 
