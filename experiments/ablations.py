@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the semi-supervised rows branch off one supervised run at the end of burn-in "
         "(as fold_sweep.py --shared-burn-in): each trains its semi-supervised phase only",
     )
+    parser.add_argument(
+        "--branch-from",
+        type=Path,
+        default=None,
+        help="an end-of-burn-in checkpoint folder of a supervised run of this preset, ratio "
+        "and fold (a fold sweep's): every row but multi-stage branches off it",
+    )
     parser.add_argument("--results-dir", type=Path, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
     return parser.parse_args(argv)
@@ -84,6 +91,7 @@ def settings_from_args(args: argparse.Namespace) -> AblationSettings:
         resources=resources,
         max_steps=args.max_steps,
         shared_burn_in=args.shared_burn_in,
+        branch_from=str(args.branch_from.resolve()) if args.branch_from else None,
     )
 
 
@@ -93,7 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         tables = select_tables(args.only, args.rows)
     except AblationError as error:
         sys.exit(f"error: {error}")
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+        settings.check_branch_point()
+    except AblationError as error:
+        sys.exit(f"error: {error}")
     dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
     if dashboard:
         print(f"Ray dashboard: {dashboard}")

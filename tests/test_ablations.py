@@ -14,12 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from softteacher.config import preset
 from softteacher.data.coco import load_coco
 from softteacher.data.protocol import synthetic_folds
 from softteacher.track.tables import summarize
+from softteacher.train.checkpoint import save_checkpoint
+from softteacher.train.trainer import SoftTeacherTrainer
 from softteacher.tune import sweep
 from softteacher.tune.ablations import (
     TABLES,
@@ -87,6 +90,31 @@ def test_sweep_names_change_with_what_changes_the_trials():
     assert len(names) == 5
     assert AblationSettings(shared_burn_in=True).sweep_settings(table).shared_burn_in
 
+
+
+def test_rows_branch_off_a_given_burn_in_checkpoint_except_multi_stage(tmp_path):
+    smoke = preset("smoke")
+    trainer = SoftTeacherTrainer(smoke, torch.device("cpu"))
+    trainer.step_count = smoke.method.burn_in_steps
+    save_checkpoint(trainer, tmp_path / "burn_in")
+    settings = AblationSettings(preset="smoke", branch_from=str(tmp_path / "burn_in"))
+    settings.check_branch_point()
+    table = TABLES["table6"]
+    specs = settings.specs(table)
+    assert {s.method: s.branch_from for s in specs} == {
+        row.method: (None if row.method == "multi_stage" else str(tmp_path / "burn_in"))
+        for row in table.rows
+    }
+    assert settings.sweep_name(table) != AblationSettings(preset="smoke").sweep_name(table)
+
+    trainer.step_count += 1
+    save_checkpoint(trainer, tmp_path / "later")
+    with pytest.raises(AblationError, match="saved at step 5.*ends at step 4"):
+        AblationSettings(preset="smoke", branch_from=str(tmp_path / "later")).check_branch_point()
+    with pytest.raises(AblationError, match="--branch-from.*no checkpoint.pt"):
+        AblationSettings(preset="smoke", branch_from=str(tmp_path)).check_branch_point()
+    with pytest.raises(AblationError, match="choose one"):
+        AblationSettings(shared_burn_in=True, branch_from=str(tmp_path))
 
 def test_select_tables_filters_tables_and_rows_and_names_mistakes():
     assert [t.key for t in select_tables(None)] == list(TABLES)

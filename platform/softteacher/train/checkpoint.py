@@ -63,14 +63,19 @@ def restore_start(trainer: SoftTeacherTrainer, resume_dir: Path | None) -> dict:
     return {}
 
 
+def checkpoint_step(directory: Path) -> int:
+    """The step a checkpoint folder was saved at."""
+    state = torch.load(
+        _existing(directory, "checkpoint") / CHECKPOINT_FILE, map_location="cpu", weights_only=False
+    )
+    return int(state["step"])
+
+
 def checkpoint_at_step(run_dir: Path, step: int) -> Path:
     """The checkpoint folder of ``run_dir`` (a run's folder of ``checkpoint_*`` folders, as
     Ray Train writes them) saved at ``step``."""
     for directory in sorted(run_dir.glob("checkpoint_*")):
-        if not has_checkpoint(directory):
-            continue
-        state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-        if int(state["step"]) == step:
+        if has_checkpoint(directory) and checkpoint_step(directory) == step:
             return directory
     raise FileNotFoundError(
         f"no checkpoint of step {step} under {run_dir}; the run saves one at the end of "

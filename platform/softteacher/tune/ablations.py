@@ -13,6 +13,8 @@ to the preset's ``cls_thr`` and ``reg_thr``, as in ``experiments/fold_sweep.py``
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
 import math
 import time
@@ -28,6 +30,7 @@ from softteacher.track.mlflow_runs import (
     resume_parent_run,
 )
 from softteacher.track.tables import write_atomically
+from softteacher.train.checkpoint import checkpoint_step
 from softteacher.train.ray_worker import WorkerResources
 from softteacher.tune.sweep import PROJECT_ROOT, FinishedTrial, SweepSettings, TrialSpec, run_sweep
 
@@ -211,6 +214,16 @@ class AblationSettings:
     resources: WorkerResources = field(default_factory=WorkerResources)
     max_steps: int | None = None
     shared_burn_in: bool = False  # the semi-supervised rows branch off one supervised burn-in
+    # an existing end-of-burn-in checkpoint of this preset, ratio and fold: every row but
+    # multi-stage (whose first stage is a whole supervised run) branches off it
+    branch_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.shared_burn_in and self.branch_from:
+            raise AblationError(
+                "--shared-burn-in runs its own burn-in and --branch-from takes an existing "
+                "one; choose one"
+            )
 
     def sweep_name(self, table: AblationTable, *, partial: bool = False) -> str:
         """``ablations-table6-cpu-r10-f1`` (+ what else changes the trials): a rerun of the
@@ -222,6 +235,8 @@ class AblationSettings:
             name += f"-steps{self.max_steps}"
         if self.shared_burn_in:
             name += "-shared"
+        if self.branch_from:
+            name += "-branch-" + hashlib.sha256(self.branch_from.encode()).hexdigest()[:8]
         if partial:
             name += "-rows-" + "-".join(row.key for row in table.rows)
         return name
@@ -244,7 +259,29 @@ class AblationSettings:
 
     def specs(self, table: AblationTable) -> list[TrialSpec]:
         defaults = preset(self.preset).method
-        return [row.spec(self.ratio, self.fold, defaults) for row in table.rows]
+        specs = [row.spec(self.ratio, self.fold, defaults) for row in table.rows]
+        if not self.branch_from:
+            return specs
+        return [
+            s if s.method == "multi_stage" else dataclasses.replace(s, branch_from=self.branch_from)
+            for s in specs
+        ]
+
+    def check_branch_point(self) -> None:
+        """A branch point must be a checkpoint saved at the end of this preset's burn-in."""
+        if not self.branch_from:
+            return
+        burn_in = preset(self.preset).method.burn_in_steps
+        try:
+            step = checkpoint_step(Path(self.branch_from))
+        except FileNotFoundError as error:
+            raise AblationError(f"--branch-from: {error}") from None
+        if step != burn_in:
+            raise AblationError(
+                f"--branch-from {self.branch_from} was saved at step {step}, and the "
+                f"{self.preset} preset's burn-in ends at step {burn_in}; pass the checkpoint "
+                "its supervised run saved at that step"
+            )
 
 
 @dataclass(frozen=True)
@@ -294,6 +331,7 @@ def run_ablations(
     settings: AblationSettings, tables: Sequence[AblationTable] | None = None
 ) -> list[AblationResult]:
     """Run the tables (all by default) one after the other, each as its own sweep."""
+    settings.check_branch_point()
     return [run_ablation_table(settings, table) for table in (tables or list(TABLES.values()))]
 
 
