@@ -315,10 +315,10 @@ def split_shared_burn_in(
     ]
     roots = [s for s in specs if s not in branches]
     supervised = {(s.ratio, s.fold) for s in roots if s.method == "supervised"}
-    orphans = dict.fromkeys((s.ratio, s.fold) for s in branches)
+    branch_folds = dict.fromkeys((s.ratio, s.fold) for s in branches)  # ordered, unique
     roots += [
         TrialSpec(ratio, fold, "supervised", base.method.cls_thr, base.method.reg_thr)
-        for ratio, fold in orphans
+        for ratio, fold in branch_folds
         if (ratio, fold) not in supervised
     ]
     return roots, branches
