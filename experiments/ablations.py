@@ -103,13 +103,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     try:
         settings = settings_from_args(args)
-        settings.check_branch_point()
+        dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
+        if dashboard:
+            print(f"Ray dashboard: {dashboard}")
+        run_ablations(settings, tables)  # checks the branch point before any trial
     except AblationError as error:
         sys.exit(f"error: {error}")
-    dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
-    if dashboard:
-        print(f"Ray dashboard: {dashboard}")
-    run_ablations(settings, tables)
 
 
 if __name__ == "__main__":
