@@ -50,7 +50,13 @@ def _name(trial) -> str:
     spec = trial.config.get("trial", {})
     if not spec:
         return trial.trial_id
-    return (
+    name = (
         f"{spec['ratio']:g}% fold {spec['fold']} {spec['method']} "
         f"fg {spec['fg_thr']:g} var {spec['var_thr']:g}"
     )
+    # the rows of the indicator and n_jitter ablations differ only here
+    if spec.get("indicator") is not None:
+        name += f" indicator {spec['indicator']}"
+    if spec.get("n_jitter") is not None:
+        name += f" n_jitter {spec['n_jitter']}"
+    return name
