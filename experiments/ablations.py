@@ -1,6 +1,6 @@
 """The paper's ablations (Tables 5-10) at one labeled ratio and fold, through Ray Tune and
 MLflow (experiment ``ablations``, one sweep a table), printed beside the paper's figures and
-written to ``<results>/ablations_<table>_<preset>.{csv,md}``.
+written to ``<results>/ablations_<table>_<preset>_r<ratio>_f<fold>[...].{csv,md}``.
 
     python experiments/ablations.py                      # every table, 10% labeled, fold 1
     python experiments/ablations.py --only table6,table7 --preset cpu

@@ -91,6 +91,20 @@ def test_sweep_names_change_with_what_changes_the_trials():
     assert AblationSettings(shared_burn_in=True).sweep_settings(table).shared_burn_in
 
 
+def test_table_files_of_other_folds_and_schedules_never_overwrite_each_other():
+    table = TABLES["table6"]
+    stems = [
+        AblationSettings(preset="bench").table_stem(table),
+        AblationSettings(preset="bench", fold=2).table_stem(table),
+        AblationSettings(preset="bench", ratio=5).table_stem(table),
+        AblationSettings(preset="bench", max_steps=3500).table_stem(table),
+        AblationSettings(preset="bench").table_stem(table.select(["e2e"]), partial=True),
+    ]
+    assert len(set(stems)) == len(stems)
+    assert stems[0] == "ablations_table6_bench_r10_f1"
+    assert stems[-1] == "ablations_table6_bench_r10_f1_e2e"
+
+
 
 def test_rows_branch_off_a_given_burn_in_checkpoint_except_multi_stage(tmp_path):
     smoke = preset("smoke")
@@ -202,11 +216,12 @@ def test_ablation_command_runs_a_multi_stage_row_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[done]" in done.stdout and "Multi-Stage" in done.stdout
 
-    with (results / "ablations_table6_smoke_multi_stage.csv").open() as handle:
+    stem = "ablations_table6_smoke_r10_f1_steps4_multi_stage"
+    with (results / f"{stem}.csv").open() as handle:
         (record,) = list(csv.DictReader(handle))
     assert record["label"] == "Multi-Stage" and float(record["paper_mAP"]) == 28.7
     assert 0.0 <= float(record["mAP"]) <= 100.0
-    assert "| Multi-Stage |" in (results / "ablations_table6_smoke_multi_stage.md").read_text()
+    assert "| Multi-Stage |" in (results / f"{stem}.md").read_text()
 
     client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ablations")
@@ -216,7 +231,7 @@ def test_ablation_command_runs_a_multi_stage_row_end_to_end(tmp_path):
     assert parent.info.run_name == "ablations-table6-smoke-r10-f1-steps4-rows-multi_stage"
     assert parent.info.status == "FINISHED"
     tables = {a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
-    assert "tables/ablations_table6_smoke_multi_stage.md" in tables
+    assert f"tables/{stem}.md" in tables
     assert child.info.status == "FINISHED" and child.data.params["method"] == "multi_stage"
     metrics = child.data.metrics
     assert metrics["multi_stage/unlabeled_images"] == 54  # the smoke fold's unlabeled set

@@ -225,21 +225,34 @@ class AblationSettings:
                 "one; choose one"
             )
 
+    def _name_parts(self, table: AblationTable) -> list[str]:
+        """What tells this request's trials apart from another's, in name-sized pieces."""
+        parts = [EXPERIMENT_NAME, table.key, self.preset, f"r{self.ratio:g}", f"f{self.fold}"]
+        if self.coco_root:
+            parts.append("coco")
+        if self.max_steps is not None:
+            parts.append(f"steps{self.max_steps}")
+        if self.shared_burn_in:
+            parts.append("shared")
+        if self.branch_from:
+            parts.append("branch-" + hashlib.sha256(self.branch_from.encode()).hexdigest()[:8])
+        return parts
+
     def sweep_name(self, table: AblationTable, *, partial: bool = False) -> str:
         """``ablations-table6-cpu-r10-f1`` (+ what else changes the trials): a rerun of the
         same command resumes its sweep, and a different request never resumes another's."""
-        name = f"{EXPERIMENT_NAME}-{table.key}-{self.preset}-r{self.ratio:g}-f{self.fold}"
-        if self.coco_root:
-            name += "-coco"
-        if self.max_steps is not None:
-            name += f"-steps{self.max_steps}"
-        if self.shared_burn_in:
-            name += "-shared"
-        if self.branch_from:
-            name += "-branch-" + hashlib.sha256(self.branch_from.encode()).hexdigest()[:8]
+        name = "-".join(self._name_parts(table))
         if partial:
             name += "-rows-" + "-".join(row.key for row in table.rows)
         return name
+
+    def table_stem(self, table: AblationTable, *, partial: bool = False) -> str:
+        """``ablations_table6_cpu_r10_f1`` (+ the same pieces as the sweep's name, then the
+        rows of a cut-down table): another ratio, fold or schedule never overwrites it."""
+        stem = "_".join(self._name_parts(table))
+        if partial:
+            stem += "_" + "-".join(row.key for row in table.rows)
+        return stem
 
     def sweep_settings(self, table: AblationTable, *, partial: bool = False) -> SweepSettings:
         return SweepSettings(
@@ -336,7 +349,7 @@ def run_ablations(
 
 
 def run_ablation_table(settings: AblationSettings, table: AblationTable) -> AblationResult:
-    """One table as one sweep; prints it and writes ``ablations_<table>_<preset>.{csv,md}``,
+    """One table as one sweep; prints it and writes it as CSV and Markdown (``table_stem``),
     attached to the sweep's MLflow run too. A table cut down to some rows gets their keys
     appended to its sweep and file names, so it never resumes or overwrites the full one."""
     partial = table.rows != TABLES[table.key].rows
@@ -347,9 +360,7 @@ def run_ablation_table(settings: AblationSettings, table: AblationTable) -> Abla
     wall_s = time.monotonic() - started
     rows = collect_rows(table, specs, finished)
     print(format_ablation_table(table, rows, settings, wall_s))
-    stem = f"{EXPERIMENT_NAME}_{table.key}_{settings.preset}"
-    if partial:
-        stem += "_" + "-".join(row.key for row in table.rows)
+    stem = settings.table_stem(table, partial=partial)
     paths = write_ablation_table(table, rows, Path(settings.results_dir), stem, settings, wall_s)
     for path in paths.values():
         print(f"wrote {path}")
