@@ -8,16 +8,18 @@ written to ``<results>/ablations_<table>_<preset>_r<ratio>_f<fold>[...].{csv,md}
 
 Tables: table6 (Tables 5-6: supervised, multi-stage, E2E, E2E+EMA, + soft teacher, + box
 jittering), table7 (indicators), table8 (fg_thr), table9 (var_thr), table10 (n_jitter).
-Running the same command again resumes its sweeps: finished trials are not rerun.
+Running the same command again resumes its sweeps: finished trials are not rerun. Every
+option and input file is checked before the Ray cluster starts: a bad one is one line,
+``error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from softteacher.config import PRESETS
+from softteacher.preflight import INPUT_ERRORS, check_ablations, exit_on_usage_error
 from softteacher.tune.ablations import (
     TABLES,
     AblationError,
@@ -50,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="worker restarts from the last checkpoint")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="override the preset's schedule length (each stage of multi-stage)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.FIELD=VALUE",
+                        help="set any config field after the preset and --max-steps "
+                             "(repeatable), e.g. --set method.unsup_weight=2")
     parser.add_argument("--address", default=None, help="join a running cluster ('auto')")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of a local cluster")
@@ -90,6 +96,7 @@ def settings_from_args(args: argparse.Namespace) -> AblationSettings:
         coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
         resources=resources,
         max_steps=args.max_steps,
+        overrides=tuple(args.overrides),
         shared_burn_in=args.shared_burn_in,
         branch_from=str(args.branch_from.resolve()) if args.branch_from else None,
     )
@@ -97,18 +104,14 @@ def settings_from_args(args: argparse.Namespace) -> AblationSettings:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with exit_on_usage_error(ValueError):  # the settings' and the config's own checks too
         tables = select_tables(args.only, args.rows)
-    except AblationError as error:
-        sys.exit(f"error: {error}")
-    try:
-        settings = settings_from_args(args)
-        dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
-        if dashboard:
-            print(f"Ray dashboard: {dashboard}")
-        run_ablations(settings, tables)  # checks the branch point before any trial
-    except AblationError as error:
-        sys.exit(f"error: {error}")
+        settings = check_ablations(settings_from_args(args), tables, args.address)
+    dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}")
+    with exit_on_usage_error(AblationError, *INPUT_ERRORS):
+        run_ablations(settings, tables)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,16 @@ Prints figures and writes a Markdown table under experiments/results/.
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 from pathlib import Path
 
 import torch
 
 from softteacher.config import ExperimentConfig, preset
-from softteacher.data.collate import collate_labeled, collate_unlabeled
 from softteacher.data.protocol import synthetic_folds
-from softteacher.data.streams import batched, labeled_stream, unlabeled_stream
+from softteacher.data.shards import write_shards
 from softteacher.train.checkpoint import load_weights
-from softteacher.train.local import run_single_process
+from softteacher.train.local import local_step_batches, run_single_process
 from softteacher.train.trainer import SoftTeacherTrainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,21 +45,14 @@ def measure_speed(short_side: int, steps: int, warmup: int, init: Path | None) -
         labeled, unlabeled, _ = fold.load()
         n_labeled, n_unlabeled = cfg.step_batch_sizes(cfg.method.burn_in_steps)
         device = torch.device("cpu")
-        lab = [
-            collate_labeled(b, device)
-            for b in itertools.islice(
-                batched(labeled_stream(labeled, cfg.augment, 0), n_labeled), warmup + steps
-            )
-        ]
-        unl = [None] * (warmup + steps)
-        if n_unlabeled:
-            unl = [
-                collate_unlabeled(b, device)
-                for b in itertools.islice(
-                    batched(unlabeled_stream(unlabeled, cfg.augment, 1), n_unlabeled),
-                    warmup + steps,
-                )
-            ]
+        source = local_step_batches(
+            cfg,
+            write_shards(labeled, DATA / "shards"),
+            write_shards(unlabeled, DATA / "shards") if n_unlabeled else None,
+            device,
+        )
+        lab = [source.labeled(n_labeled) for _ in range(warmup + steps)]
+        unl = [source.unlabeled(n_unlabeled) if n_unlabeled else None for _ in lab]
         trainer = SoftTeacherTrainer(cfg, device)
         if init is not None:
             load_weights(trainer, init)
@@ -96,7 +87,10 @@ def learning_curve(percents: list[float], steps: int) -> dict[float, dict[str, f
         fold = synthetic_folds(DATA, cfg.synthetic, [percent], [1])[0]
         start = time.perf_counter()
         metrics = run_single_process(
-            cfg, fold, checkpoint_dir=DATA / "bench" / f"curve-{percent:g}"
+            cfg,
+            fold,
+            shard_dir=DATA / "shards",
+            checkpoint_dir=DATA / "bench" / f"curve-{percent:g}",
         )
         metrics["minutes"] = (time.perf_counter() - start) / 60
         curve[percent] = metrics

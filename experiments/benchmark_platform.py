@@ -19,11 +19,11 @@ from mlflow.tracking import MlflowClient
 
 from softteacher.config import ExperimentConfig, preset
 from softteacher.data.protocol import synthetic_folds
-from softteacher.data.ray_stream import labeled_dataset, unlabeled_dataset
 from softteacher.data.shards import write_shards
+from softteacher.run.fit import run
+from softteacher.run.spec import RunSpec, WorkerResources
 from softteacher.track.mlflow_runs import start_parent_run
 from softteacher.train.local import run_single_process
-from softteacher.train.ray_worker import WorkerJob, WorkerResources, build_torch_trainer
 from softteacher.tune.cluster import start_or_join
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,6 +48,7 @@ def single_process(cfg: ExperimentConfig, fold) -> tuple[float, float]:
     run_single_process(
         cfg,
         fold,
+        shard_dir=DATA / "shards",
         log=lambda step, m: speeds.append(m["images_per_s"]) if "images_per_s" in m else None,
     )
     return steady_images_per_s(speeds), time.perf_counter() - start
@@ -58,24 +59,21 @@ def under_ray(cfg: ExperimentConfig, fold, workdir: Path) -> tuple[float, float]
     labeled_shards = write_shards(labeled, DATA / "shards")
     unlabeled_shards = write_shards(unlabeled, DATA / "shards")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    run = start_parent_run(uri, "benchmark", "ray", {})
-    cpus = 2.0
-    job = WorkerJob(cfg, str(fold.val_ann), str(fold.val_images), int(cpus), tracking=run)
-    datasets = {
-        "labeled": labeled_dataset(labeled_shards, cfg.augment, seed=0),
-        "unlabeled": unlabeled_dataset(unlabeled_shards, cfg.augment, seed=1),
-    }
-    trainer = build_torch_trainer(
-        job,
-        WorkerResources(num_workers=1, cpus_per_worker=cpus),
-        datasets,
-        run_name="benchmark",
-        storage_path=workdir / "train",
+    tracking = start_parent_run(uri, "benchmark", "ray", {})
+    spec = RunSpec(
+        cfg,
+        fold,
+        labeled_shards,
+        unlabeled_shards,
+        name="benchmark",
+        storage_path=str(workdir / "train"),
+        resources=WorkerResources(num_workers=1, cpus_per_worker=2.0),
+        tracking=tracking,
     )
     start = time.perf_counter()
-    trainer.fit()
+    run(spec)
     wall = time.perf_counter() - start
-    history = MlflowClient(uri).get_metric_history(run.run_id, "images_per_s")
+    history = MlflowClient(uri).get_metric_history(tracking.run_id, "images_per_s")
     return steady_images_per_s([m.value for m in sorted(history, key=lambda m: m.step)]), wall
 
 

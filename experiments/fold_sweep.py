@@ -4,14 +4,21 @@ python experiments/fold_sweep.py --ratios 1,5,10
 python experiments/fold_sweep.py --preset smoke --ratios 10 --folds 1 --baseline
 python experiments/fold_sweep.py --coco-root /data/coco --preset paper \
         --workers 8 --gpus-per-worker 1
+python experiments/fold_sweep.py --preset smoke --set method.unsup_weight=1 \
+        --set optim.decay_steps=8,10
+
+Every option and input file is checked before the Ray cluster starts: a bad one is one
+line, ``error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from softteacher.config import METHODS, PRESETS
+from softteacher.preflight import INPUT_ERRORS, check_sweep, exit_on_usage_error
 from softteacher.tune.cluster import default_preset_and_resources, start_or_join
 from softteacher.tune.sweep import SweepSettings, run_sweep
 
@@ -84,6 +91,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-steps", type=int, default=None, help="override the preset's schedule length"
     )
     parser.add_argument("--ckpt-every", type=int, default=None)
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seed", type=int, default=None, help="the runs' seed (default: the preset's, 0)"
+    )
+    seeds.add_argument(
+        "--seeds",
+        type=_ints,
+        default=None,
+        help="replicates: every trial once a seed, e.g. 1,2,3; the table then gives the std "
+        "over seeds alone (the noise floor) beside the std over folds and seeds",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="set any config field after the preset and --max-steps (repeatable), e.g. "
+        "--set method.unsup_weight=2 --set optim.decay_steps=1000,2000",
+    )
     parser.add_argument(
         "--address", default=None, help="join a running cluster ('auto'); default: start one"
     )
@@ -109,7 +136,8 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         max_failures=args.max_failures,
     )
     defaults = SweepSettings()
-    base = SweepSettings(preset=preset_name).base_config().method
+    overrides = tuple(args.overrides)
+    base = SweepSettings(preset=preset_name, overrides=overrides).base_config().method
     return SweepSettings(
         preset=preset_name,
         ratios=args.ratios,
@@ -125,6 +153,8 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         resources=resources,
         max_steps=args.max_steps,
         ckpt_every=args.ckpt_every,
+        seeds=args.seeds or ((args.seed,) if args.seed is not None else None),
+        overrides=overrides,
         experiment_name=args.experiment,
         sweep_name=args.name,
     )
@@ -132,13 +162,15 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    settings = settings_from_args(args)
+    with exit_on_usage_error(ValueError):  # the settings' and the config's own checks too
+        settings = check_sweep(settings_from_args(args), args.address)
     dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
     if dashboard:
-        print(
-            f"Ray dashboard: {dashboard} (token: `ray get-auth-token`; Train view lists the runs)"
-        )
-    run_sweep(settings)
+        print(f"Ray dashboard: {dashboard} (token: `ray get-auth-token`)")
+    with exit_on_usage_error(*INPUT_ERRORS):
+        result = run_sweep(settings)
+    if not result.ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -25,17 +25,30 @@ def jitter_boxes(
     return boxes.unsqueeze(0) + noise * spread.unsqueeze(0)
 
 
-def box_jitter_variance(refined: Tensor, boxes: Tensor, norm: VarianceNorm = "paper") -> Tensor:
+def clip_to_image(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """xyxy boxes (any leading shape) clipped to an image of ``(height, width)``."""
+    height, width = image_size
+    x = boxes[..., 0::2].clamp(0, width)
+    y = boxes[..., 1::2].clamp(0, height)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+def box_jitter_variance(
+    refined: Tensor, boxes: Tensor, image_size: tuple[int, int], norm: VarianceNorm = "paper"
+) -> Tensor:
     """Mean normalised std of the refined jittered boxes, ``sigma_bar`` of Eq. 8-9.
 
-    ``refined`` is ``(n_jitter, N, 4)``, ``boxes`` the ``(N, 4)`` candidates. Eq. 9 divides
-    every coordinate's std (unbiased, over the jitters) by ``0.5 * (h + w)`` of the candidate
-    (``norm="paper"``); the authors' code divides x-stds by ``w`` and y-stds by ``h``
-    (``norm="original"``). A small value means a reliable box for the regression loss.
+    ``refined`` is ``(n_jitter, N, 4)``, ``boxes`` the ``(N, 4)`` candidates, ``image_size``
+    the ``(height, width)`` of the view they were refined in. The refined boxes are clipped to
+    that image first, as both references decode the refinement of Eq. 7 with the image shape:
+    a coordinate pushed past the border is not spread. Eq. 9 divides every coordinate's std
+    (unbiased, over the jitters) by ``0.5 * (h + w)`` of the candidate (``norm="paper"``); the
+    authors' code divides x-stds by ``w`` and y-stds by ``h`` (``norm="original"``). A small
+    value means a reliable box for the regression loss.
     """
     if refined.shape[0] < 2:
         raise ValueError("box_jitter_variance needs at least 2 jittered copies (n_jitter >= 2)")
-    sigma = refined.std(dim=0)
+    sigma = clip_to_image(refined, image_size).std(dim=0)
     widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-6)
     heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-6)
     if norm == "paper":

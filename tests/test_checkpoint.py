@@ -5,10 +5,15 @@ import pytest
 import torch
 
 from softteacher.config import preset
+from softteacher.eval.inference import load_detector
 from softteacher.train.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
     checkpoint_at_step,
+    checkpoint_step,
     load_checkpoint,
     load_weights,
+    read_checkpoint,
     restore_start,
     save_checkpoint,
 )
@@ -99,3 +104,86 @@ def test_checkpoint_at_step_finds_the_folder_saved_at_that_step(tmp_path):
     assert checkpoint_at_step(tmp_path, 4).name.endswith("00-01")
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 6"):
         checkpoint_at_step(tmp_path, 6)
+
+
+def _one_line(error: pytest.ExceptionInfo, *parts: str) -> str:
+    message = str(error.value)
+    assert "\n" not in message and all(part in message for part in parts), message
+    return message
+
+
+def test_what_is_saved_loads_as_weights_only_after_real_steps(tmp_path):
+    """Optimiser momentum, the schedule, the config (tuples, None) and the extra dict are
+    all tensors and plain data: torch.load(weights_only=True) takes them."""
+    trainer = _trained(steps=3)
+    for param in trainer.student.parameters():
+        param.grad = torch.ones_like(param)
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    save_checkpoint(trainer, tmp_path, {"data_position": {"labeled_epoch": 1}, "metrics": {}})
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert state["config"]["optim"]["decay_steps"] == trainer.cfg.optim.decay_steps
+    assert state["optimizer"]["state"]  # momentum buffers came back
+    target = SoftTeacherTrainer(preset("smoke"), torch.device("cpu"))
+    load_checkpoint(target, tmp_path)
+    assert target.scheduler.state_dict() == trainer.scheduler.state_dict()
+
+
+def test_a_missing_checkpoint_file_names_it(tmp_path):
+    target = SoftTeacherTrainer(preset("smoke"), torch.device("cpu"))
+    with pytest.raises(FileNotFoundError) as error:
+        load_checkpoint(target, tmp_path)
+    _one_line(error, str(tmp_path / CHECKPOINT_FILE), "point at a checkpoint folder")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0, 10])
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(tmp_path, keep):
+    file = save_checkpoint(_trained(steps=2), tmp_path)
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)] if keep < 1 else data[:keep])
+    target = SoftTeacherTrainer(preset("smoke"), torch.device("cpu"))
+    for read in (
+        lambda: load_checkpoint(target, tmp_path),
+        lambda: load_weights(target, tmp_path),
+        lambda: checkpoint_step(tmp_path),
+        lambda: load_detector(tmp_path, target.cfg),
+    ):
+        with pytest.raises(CheckpointError) as error:
+            read()
+        _one_line(error, str(file), "truncated or corrupt")
+
+
+def test_a_file_that_is_not_our_checkpoint_is_refused_without_running_it(tmp_path):
+    torch.save({"student": tmp_path}, tmp_path / CHECKPOINT_FILE)  # a pickled Path object
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(tmp_path)
+    _one_line(error, str(tmp_path / CHECKPOINT_FILE), "not written by save_checkpoint")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(CheckpointError, match=r"lacks \['student', 'teacher'"):
+        read_checkpoint(tmp_path)
+
+
+def test_another_class_count_names_the_file_the_key_and_both_shapes(tmp_path):
+    file = save_checkpoint(_trained(steps=2), tmp_path)  # smoke: 4 classes
+    cfg = preset("smoke").replace(detector={"num_classes": 6})
+    target = SoftTeacherTrainer(cfg, torch.device("cpu"))
+    for load in (load_checkpoint, load_weights):
+        with pytest.raises(CheckpointError) as error:
+            load(target, tmp_path)
+        _one_line(
+            error, str(file), "student weight roi_heads.box_predictor.cls_score.weight",
+            "is [5, 256] in the checkpoint but [7, 256]", "detector.num_classes: 4 there, 6 here",
+        )
+
+
+def test_weights_of_another_detector_are_one_line_too(tmp_path):
+    file = save_checkpoint(_trained(steps=2), tmp_path)
+    state = torch.load(file, weights_only=True)
+    state["teacher"]["extra.weight"] = state["teacher"].pop("rpn.head.conv.0.0.weight")
+    torch.save(state, file)
+    with pytest.raises(CheckpointError) as error:
+        load_weights(SoftTeacherTrainer(preset("smoke"), torch.device("cpu")), tmp_path)
+    _one_line(
+        error, "teacher weights do not fit this config's detector",
+        "1 missing, first ['rpn.head.conv.0.0.weight']", "1 unexpected, first ['extra.weight']",
+    )

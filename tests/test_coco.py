@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from softteacher.data.coco import CocoFormatError, check_same_categories, load_coco
+from softteacher.data.coco import (
+    CocoFormatError,
+    check_same_categories,
+    coco_summary,
+    load_coco,
+)
 
 BASE = {
     "info": {"description": "test"},
@@ -220,3 +225,49 @@ def test_check_same_categories(tmp_path: Path) -> None:
                              "fewer.json"))
     with pytest.raises(CocoFormatError, match="toothbrush"):
         check_same_categories(labeled, fewer)
+
+
+def test_duplicate_annotation_ids(tmp_path: Path) -> None:
+    """pycocotools keeps one annotation an id: a repeated id would score the file wrongly."""
+    content = copy.deepcopy(BASE)
+    content["annotations"][2]["id"] = 1
+    match = r"annotation id 1 appears twice \(annotations 0 and 2\)"
+    _assert_format_error(_write(tmp_path, content), match)
+
+
+@pytest.mark.parametrize("ann_id", [None, "7", 1.0, True])
+def test_annotation_ids_must_be_integers(tmp_path: Path, ann_id: object) -> None:
+    annotation = _annotation(id=ann_id)
+    if ann_id is None:
+        del annotation["id"]
+    _assert_format_error(_write(tmp_path, _with(annotations=[annotation])), "integer 'id'")
+
+
+def test_images_without_annotations_are_kept_with_no_boxes(tmp_path: Path) -> None:
+    """Image 3 has no annotation and image 2 only a crowd one: both are ordinary images."""
+    annotations = [*BASE["annotations"][:2], _annotation(id=4, image_id=2, iscrowd=1)]
+    dataset = load_coco(_write(tmp_path, _with(annotations=annotations)))
+    assert dataset.image_ids == [1, 2, 3] and dataset.crowd_boxes == 1
+    for record in dataset.records[1:]:
+        assert record.boxes.shape == (0, 4) and record.labels.shape == (0,)
+
+
+def test_summary_counts_images_and_categories_without_the_records(tmp_path: Path) -> None:
+    summary = coco_summary(_write(tmp_path, BASE))
+    assert (summary.num_images, summary.num_classes) == (3, 3)
+    assert [c["id"] for c in summary.categories] == [3, 7, 90]
+    with pytest.raises(CocoFormatError, match="'categories' is empty"):
+        coco_summary(_write(tmp_path, _with(categories=[]), "empty.json"))
+
+
+def test_category_ids_that_differ_name_both_files(tmp_path: Path) -> None:
+    renumbered = copy.deepcopy(BASE["categories"])
+    renumbered[2]["id"] = 91
+    train = coco_summary(_write(tmp_path, BASE, "train.json"))
+    val = coco_summary(_write(tmp_path, _with(categories=renumbered), "val.json"))
+    with pytest.raises(CocoFormatError) as info:
+        check_same_categories(train, val)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "train.json") in message
+    assert "only in train.json: [(90, 'toothbrush')]" in message
+    assert "only in val.json: [(91, 'toothbrush')]" in message

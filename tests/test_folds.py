@@ -20,6 +20,12 @@ from softteacher.data.folds import (
     write_fold,
     write_folds,
 )
+from softteacher.data.protocol import (
+    DatasetLayoutError,
+    check_coco_layout,
+    coco_folds,
+    coco_root_summary,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,3 +188,52 @@ def test_coco_train2017_scale(tmp_path: Path) -> None:
     assert [(r.num_labeled, r.num_unlabeled) for r in results] == [(1182, 117_105),
                                                                    (11_828, 106_459)]
     assert [r.labeled_annotations for r in results] == [1182, 11_828]
+
+
+def _coco_root(tmp_path: Path, train: dict, val: dict) -> Path:
+    root = tmp_path / "coco"
+    for folder in ("train2017", "val2017", "annotations"):
+        (root / folder).mkdir(parents=True)
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps(train))
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(val))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("folders", "files", "expected"),
+    [
+        (["train2017"], [], "train2017/"),
+        ([], ["instances_val2017.json"], "annotations/instances_val2017.json"),
+        (["val2017"], ["instances_train2017.json"],
+         "val2017/, annotations/instances_train2017.json"),
+    ],
+)
+def test_a_coco_root_names_exactly_what_it_lacks(
+    tmp_path: Path, folders: list[str], files: list[str], expected: str
+) -> None:
+    root = _coco_root(tmp_path, _coco(4), _coco(2))
+    for folder in folders:
+        (root / folder).rmdir()
+    for name in files:
+        (root / "annotations" / name).unlink()
+    for check in (lambda: check_coco_layout(root), lambda: coco_folds(root, tmp_path, [10], [1])):
+        with pytest.raises(DatasetLayoutError, match=f"lacks {expected};"):
+            check()
+    with pytest.raises(DatasetLayoutError, match="no such folder"):
+        check_coco_layout(tmp_path / "nowhere")
+
+
+def test_a_coco_root_s_summary_is_its_train_file_checked_against_val(tmp_path: Path) -> None:
+    root = _coco_root(tmp_path, _coco(12), _coco(3))
+    summary = coco_root_summary(root)
+    assert (summary.num_images, summary.num_classes) == (12, 2)
+    assert summary.ann_file == root / "annotations" / "instances_train2017.json"
+
+    val = _coco(3)
+    val["categories"][1]["id"] = 5  # the same names, another id
+    other = _coco_root(tmp_path / "other", _coco(12), val)
+    with pytest.raises(CocoFormatError) as info:
+        coco_root_summary(other)
+    message = str(info.value)
+    assert "\n" not in message and "categories differ" in message
+    assert "instances_train2017.json" in message and "instances_val2017.json" in message

@@ -1,27 +1,20 @@
-"""Image decoding errors name the file; streams cover each image once an epoch, reproducibly."""
+"""Image decoding errors name the file; a stream's rows cover each image once an epoch, are a
+pure function of (seed, position), split exactly between workers and resume mid-epoch."""
 
 from __future__ import annotations
 
 import io
-import itertools
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from softteacher.config import AugmentConfig, SyntheticConfig
-from softteacher.data.coco import CocoDataset, load_coco
+from softteacher.config import AugmentConfig
 from softteacher.data.images import CorruptImageError, decode_image, load_image
-from softteacher.data.samples import LabeledSample, UnlabeledSample
-from softteacher.data.streams import (
-    EmptyDatasetError,
-    batched,
-    labeled_stream,
-    unlabeled_stream,
-)
-from softteacher.data.synthetic import generate_synthetic_coco
+from softteacher.data.rows import StreamPlan, labeled_samples, unlabeled_samples
+from softteacher.data.shards import EmptyDatasetError
+from softteacher.data.steps import LocalRowStream, StepBatches
 
 AUGMENT = AugmentConfig(train_sizes=(48, 72), max_size=144, test_size=64)
 
@@ -107,90 +100,69 @@ def test_size_mismatch_names_both_sizes(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- streams
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> CocoDataset:
-    out_dir = tmp_path_factory.mktemp("synthetic")
-    synthetic = generate_synthetic_coco(
-        out_dir, SyntheticConfig(num_train=12, num_val=6, min_size=64, max_size=96, num_classes=4)
-    )
-    return load_coco(synthetic.train_ann, synthetic.train_images)
+def _ids(plan: StreamPlan, positions) -> list[int]:
+    return plan.locate(np.asarray(positions))[1].tolist()
 
 
-def _ids(samples: list[LabeledSample] | list[UnlabeledSample]) -> list[int]:
-    return [sample.image_id for sample in samples]
+def test_each_epoch_visits_every_image_once_in_a_new_order() -> None:
+    plan = StreamPlan("labeled", 7, seed=3)
+    epochs, rows = plan.locate(np.arange(21))
+    assert epochs.tolist() == [0] * 7 + [1] * 7 + [2] * 7
+    orders = [tuple(rows[e * 7 : (e + 1) * 7]) for e in range(3)]
+    assert all(sorted(order) == list(range(7)) for order in orders)
+    assert len(set(orders)) == 3, "each epoch must reshuffle"
 
 
-def test_labeled_stream_covers_each_image_once_an_epoch(dataset: CocoDataset) -> None:
-    n = len(dataset.records)
-    samples = list(itertools.islice(labeled_stream(dataset, AUGMENT, seed=3), 3 * n))
-    epochs = [_ids(samples[e * n : (e + 1) * n]) for e in range(3)]
-    all_ids = sorted(record.image_id for record in dataset.records)
-    assert all(sorted(epoch) == all_ids for epoch in epochs)
-    assert len({tuple(epoch) for epoch in epochs}) == 3, "each epoch must reshuffle"
+def test_the_order_is_a_function_of_seed_and_stream_only() -> None:
+    labeled = _ids(StreamPlan("labeled", 9, 5), range(20))
+    assert _ids(StreamPlan("labeled", 9, 5), range(20)) == labeled
+    assert _ids(StreamPlan("labeled", 9, 6), range(9)) != labeled[:9]
+    assert _ids(StreamPlan("unlabeled", 9, 5), range(9)) != labeled[:9]
+
+
+def test_workers_split_the_global_order_exactly() -> None:
+    """Worker r of 3 takes global positions r, r + 3, ...: together, the one-worker order."""
+    single = _ids(StreamPlan("unlabeled", 10, 1), range(30))
+    ranks = [_ids(StreamPlan("unlabeled", 10, 1, rank, 3), range(10)) for rank in range(3)]
+    interleaved = [ranks[i % 3][i // 3] for i in range(30)]
+    assert interleaved == single
+
+
+def test_an_empty_stream_or_a_bad_rank_fails_at_once() -> None:
+    with pytest.raises(EmptyDatasetError, match="labeled stream has no images"):
+        StreamPlan("labeled", 0, 0)
+    with pytest.raises(ValueError, match="rank 2 is outside a world of 2"):
+        StreamPlan("labeled", 4, 0, rank=2, world_size=2)
+
+
+def test_local_rows_are_reproducible_and_resume_mid_epoch(smoke_fold) -> None:
+    shards = smoke_fold.labeled
+    plan = StreamPlan("labeled", shards.num_rows, seed=0)
+    n = shards.num_rows
+    whole = LocalRowStream(shards, plan, AUGMENT).take(2 * n + 1)
+    assert LocalRowStream(shards, plan, AUGMENT).take(2 * n + 1).equals(whole)
+    resumed = LocalRowStream(shards, plan, AUGMENT, start=n + 1)
+    assert resumed.take(n).equals(whole.slice(n + 1, n)) and resumed.position == 2 * n + 1
+    samples = labeled_samples(whole)
+    assert sorted(s.image_id for s in samples[:n]) == sorted(s.image_id for s in samples[n:2 * n])
     for sample in samples:
-        assert isinstance(sample, LabeledSample)
         assert sample.image.dtype == np.uint8 and sample.image.ndim == 3
         assert sample.boxes.shape == (len(sample.labels), 4)
 
 
-def test_labeled_stream_is_deterministic_for_a_seed(dataset: CocoDataset) -> None:
-    n = len(dataset.records)
-    first = list(itertools.islice(labeled_stream(dataset, AUGMENT, seed=5), n + 2))
-    again = list(itertools.islice(labeled_stream(dataset, AUGMENT, seed=5), n + 2))
-    other = list(itertools.islice(labeled_stream(dataset, AUGMENT, seed=6), n))
-    assert _ids(first) == _ids(again)
-    for a, b in zip(first, again, strict=True):
-        np.testing.assert_array_equal(a.image, b.image)
-        np.testing.assert_array_equal(a.boxes, b.boxes)
-    assert _ids(other) != _ids(first[:n])
-
-
-def test_stream_does_not_reread_the_annotation_file(
-    dataset: CocoDataset, tmp_path: Path
-) -> None:
-    moved = tmp_path / "moved.json"
-    Path(dataset.ann_file).rename(moved)
-    try:
-        samples = list(itertools.islice(labeled_stream(dataset, AUGMENT, seed=0), 4))
-    finally:
-        moved.rename(dataset.ann_file)
-    assert len(samples) == 4
-
-
-def test_unlabeled_stream_carries_weak_and_strong_views(dataset: CocoDataset) -> None:
-    n = len(dataset.records)
-    samples = list(itertools.islice(unlabeled_stream(dataset, AUGMENT, seed=1), n))
-    assert sorted(_ids(samples)) == sorted(record.image_id for record in dataset.records)
-    for sample in samples:
-        assert isinstance(sample, UnlabeledSample)
+def test_unlabeled_rows_carry_weak_and_strong_views_and_steps_count_positions(smoke_fold) -> None:
+    shards = smoke_fold.unlabeled
+    plan = StreamPlan("unlabeled", shards.num_rows, seed=1)
+    for sample in unlabeled_samples(LocalRowStream(shards, plan, AUGMENT).take(3)):
         for view in (sample.weak, sample.strong):
             assert view.image.dtype == np.uint8 and view.image.ndim == 3
             assert view.matrix.shape == (3, 3)
-    first = list(itertools.islice(unlabeled_stream(dataset, AUGMENT, seed=1), 2))
-    assert _ids(first) == _ids(samples[:2])
-    np.testing.assert_array_equal(first[1].strong.image, samples[1].strong.image)
-
-
-def test_stream_of_a_dataset_without_images_fails_at_once() -> None:
-    empty = SimpleNamespace(records=[], ann_file=Path("empty.json"))
-    with pytest.raises(EmptyDatasetError, match="empty.json"):
-        labeled_stream(empty, AUGMENT, seed=0)
-    with pytest.raises(EmptyDatasetError, match="empty.json"):
-        unlabeled_stream(empty, AUGMENT, seed=0)
-
-
-def test_batched_sizes() -> None:
-    assert list(batched(iter(range(7)), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert list(batched(iter(range(4)), 1)) == [[0], [1], [2], [3]]
-    assert list(batched(iter([]), 2)) == []
-    endless = batched(itertools.count(), 5)
-    assert [next(endless) for _ in range(2)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
-    with pytest.raises(ValueError, match="at least 1"):
-        batched(iter(range(3)), 0)
-
-
-def test_batched_labeled_stream_as_the_trainer_calls_it(dataset: CocoDataset) -> None:
-    batches = batched(labeled_stream(dataset, AUGMENT, seed=0), 2)
-    first, second = next(batches), next(batches)
-    assert len(first) == len(second) == 2
-    assert all(isinstance(sample, LabeledSample) for sample in first + second)
+    labeled_plan = StreamPlan("labeled", smoke_fold.labeled.num_rows, seed=1)
+    steps = StepBatches(
+        LocalRowStream(smoke_fold.labeled, labeled_plan, AUGMENT),
+        LocalRowStream(shards, plan, AUGMENT, start=7),
+        "cpu",
+    )
+    labeled, unlabeled = steps.labeled(5), steps.unlabeled(4)
+    assert len(labeled.images) == 5 and len(unlabeled.weak) == len(unlabeled.strong) == 4
+    assert steps.position() == {"labeled_rows": 5, "unlabeled_rows": 11}

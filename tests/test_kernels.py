@@ -8,9 +8,12 @@ import torch
 from softteacher.kernels import (
     background_reliability,
     box_jitter_variance,
+    clip_to_image,
     jitter_boxes,
     reliability_weighted_ce,
 )
+
+LARGE = (10_000, 10_000)  # an image no refined box reaches the border of
 
 
 def test_jitter_variance_matches_hand_computation():
@@ -20,10 +23,31 @@ def test_jitter_variance_matches_hand_computation():
         [offsets * 1.0, offsets * 2.0, offsets * 3.0, offsets * 4.0], dim=1
     ).unsqueeze(1)
     # sigma_k = 2, 4, 6, 8 -> normalised by 30 -> mean = 20 / 4 / 30
-    assert box_jitter_variance(refined, box).item() == pytest.approx(5.0 / 30.0)
+    assert box_jitter_variance(refined, box, LARGE).item() == pytest.approx(5.0 / 30.0)
     # the authors' variant: x-stds by w (20), y-stds by h (40)
     expected = (2 / 20 + 4 / 40 + 6 / 20 + 8 / 40) / 4
-    assert box_jitter_variance(refined, box, norm="original").item() == pytest.approx(expected)
+    got = box_jitter_variance(refined, box, LARGE, norm="original")
+    assert got.item() == pytest.approx(expected)
+
+
+def test_jitter_variance_is_taken_on_boxes_clipped_to_the_image():
+    """A candidate at the right border of a 100 x 100 image: x2 refined to 99, 101, 103."""
+    box = torch.tensor([[80.0, 20.0, 100.0, 60.0]])  # w = 20, h = 40, 0.5 (h + w) = 30
+    refined = box.repeat(3, 1, 1)
+    refined[:, 0, 2] = torch.tensor([99.0, 101.0, 103.0])
+    # unclipped: std(99, 101, 103) = 2 on x2 only -> 2 / 30 / 4
+    assert box_jitter_variance(refined, box, LARGE).item() == pytest.approx(2.0 / 30.0 / 4)
+    # clipped to x <= 100: (99, 100, 100), deviations -2/3, 1/3, 1/3 -> std sqrt(1/3)
+    clipped = box_jitter_variance(refined, box, (100, 100))
+    assert clipped.item() == pytest.approx(math.sqrt(1 / 3) / 30.0 / 4)
+
+
+def test_clip_to_image_clips_x_by_width_and_y_by_height():
+    boxes = torch.tensor([[[-5.0, -2.0, 70.0, 45.0]], [[3.0, 4.0, 5.0, 6.0]]])
+    clipped = clip_to_image(boxes, (40, 60))  # (height, width)
+    torch.testing.assert_close(
+        clipped, torch.tensor([[[0.0, 0.0, 60.0, 40.0]], [[3.0, 4.0, 5.0, 6.0]]])
+    )
 
 
 def test_jitter_spread_follows_box_size():
@@ -40,7 +64,7 @@ def test_jitter_variance_separates_stable_and_unstable_boxes():
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn((10, 2, 4), generator=generator)
     refined = boxes + noise * torch.tensor([0.2, 5.0]).view(1, 2, 1)
-    variance = box_jitter_variance(refined, boxes)
+    variance = box_jitter_variance(refined, boxes, LARGE)
     assert variance[0] < 0.02 < variance[1]
 
 

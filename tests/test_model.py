@@ -10,9 +10,17 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from softteacher.config import MethodConfig, preset
 from softteacher.data.collate import DetectionBatch, UnlabeledBatch
+from softteacher.kernels import box_jitter_variance, jitter_boxes
+from softteacher.model import pseudo_labels
 from softteacher.model.detector import build_detector
 from softteacher.model.ema import ema_momentum, ema_update, make_teacher
-from softteacher.model.pseudo_labels import PseudoTargets, TeacherView, pseudo_targets
+from softteacher.model.pseudo_labels import (
+    PseudoTargets,
+    TeacherView,
+    jitter_variances,
+    pseudo_targets,
+    teacher_background_prob,
+)
 from softteacher.model.soft_teacher import StudentLosses, rpn_ignoring_uncertain
 from softteacher.train.loop import LoopHooks, fit
 from softteacher.train.trainer import NonFiniteLossError, SoftTeacherTrainer
@@ -169,8 +177,9 @@ def _confident_teacher_trainer(**method_changes) -> SoftTeacherTrainer:
 
 
 def test_jitter_filter_removes_unstable_boxes_in_a_full_step():
-    # jitter std 0.06 of the side -> sigma_bar ~ 0.06: above reg_thr 0.02, below 0.2
-    strict = _confident_teacher_trainer(reg_thr=0.02, n_jitter=10, cls_thr=0.5, rpn_thr=0.5)
+    # jitter std 0.06 of the side -> sigma_bar ~ 0.06 (down to ~0.03 for small boxes at the
+    # border, whose refined copies are clipped to the image): above reg_thr 0.01, below 0.2
+    strict = _confident_teacher_trainer(reg_thr=0.01, n_jitter=10, cls_thr=0.5, rpn_thr=0.5)
     metrics = strict.step(_labeled(0.5), _unlabeled(0.3, 0.7))
     assert metrics["pseudo/candidates_per_image"] > 0
     assert metrics["pseudo/cls_per_image"] > 0
@@ -191,9 +200,9 @@ class _RecordingSource:
         self.requests.append(("labeled", images))
         return _labeled(0.5, images)
 
-    def unlabeled(self) -> UnlabeledBatch:
-        self.requests.append(("unlabeled", 4))
-        return _unlabeled(0.5, 0.5)
+    def unlabeled(self, images: int) -> UnlabeledBatch:
+        self.requests.append(("unlabeled", images))
+        return _unlabeled(0.5, 0.5, images)
 
 
 def test_burn_in_steps_read_a_supervised_batch_and_no_unlabeled_images():
@@ -229,26 +238,65 @@ def test_uncertain_candidates_are_kept_apart_only_when_asked():
     )
     batch = _unlabeled(0.0, 0.0, n=1)
     paper = pseudo_targets(view, batch, MethodConfig(cls_thr=0.9, rpn_thr=0.9))
-    assert len(paper.uncertain[0]) == 0
+    assert len(paper.rpn_uncertain[0]) == 0 and len(paper.cls_uncertain[0]) == 0
     ignoring = MethodConfig(cls_thr=0.9, rpn_thr=0.9, ignore_uncertain=True)
     ours = pseudo_targets(view, batch, ignoring)
-    torch.testing.assert_close(ours.uncertain[0], torch.tensor([[30.0, 30, 50, 50]]))
+    torch.testing.assert_close(ours.cls_uncertain[0], torch.tensor([[30.0, 30, 50, 50]]))
+    torch.testing.assert_close(ours.rpn_uncertain[0], torch.tensor([[30.0, 30, 50, 50]]))
     assert ours.cls[0]["labels"].tolist() == [1]
+
+
+def test_rpn_uncertain_set_follows_rpn_thr():
+    """Scores 0.95, 0.85, 0.6 with rpn_thr 0.8 < cls_thr 0.9: the 0.85 box is an RPN target
+    but uncertain for classification; only the 0.6 box is uncertain for the RPN."""
+    boxes = torch.tensor([[0, 0, 20, 20], [30, 30, 50, 50], [5, 40, 25, 60.0]])
+    view = TeacherView(
+        features={},
+        image_sizes=[(SIZE, SIZE)],
+        boxes=[boxes],
+        labels=[torch.tensor([1, 2, 3])],
+        scores=[torch.tensor([0.95, 0.85, 0.6])],
+        variances=[torch.zeros(3)],
+    )
+    cfg = MethodConfig(cls_thr=0.9, rpn_thr=0.8, ignore_uncertain=True)
+    targets = pseudo_targets(view, _unlabeled(0.0, 0.0, n=1), cfg)
+    torch.testing.assert_close(targets.rpn[0]["boxes"], boxes[:2])
+    torch.testing.assert_close(targets.rpn_uncertain[0], boxes[2:])
+    torch.testing.assert_close(targets.cls[0]["boxes"], boxes[:1])
+    torch.testing.assert_close(targets.cls_uncertain[0], boxes[1:])
+    assert targets.counts_per_image()["pseudo/rpn_uncertain_per_image"] == 1
+    assert targets.counts_per_image()["pseudo/cls_uncertain_per_image"] == 2
+
+
+def _pseudo(cls_boxes: torch.Tensor, rpn_uncertain: torch.Tensor, cls_uncertain: torch.Tensor):
+    cls = [{"boxes": cls_boxes, "labels": torch.ones(len(cls_boxes), dtype=torch.int64)}]
+    return PseudoTargets(
+        rpn=cls, cls=cls, reg=cls, rpn_uncertain=[rpn_uncertain], cls_uncertain=[cls_uncertain]
+    )
 
 
 def test_boxes_on_an_uncertain_candidate_get_no_background_weight():
     losses = StudentLosses(build_detector(preset("smoke").detector), MethodConfig(indicator="iou"))
     uncertain = torch.tensor([[30.0, 30, 50, 50]])
-    pseudo = PseudoTargets(
-        rpn=[{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}],
-        cls=[{"boxes": torch.tensor([[0.0, 0, 20, 20]]), "labels": torch.tensor([1])}],
-        reg=[],
-        uncertain=[uncertain],
-    )
+    pseudo = _pseudo(torch.tensor([[0.0, 0, 20, 20]]), torch.zeros(0, 4), uncertain)
     proposals = [torch.tensor([[31.0, 31, 50, 50], [2.0, 2, 20, 20], [0.0, 40, 10, 60]])]
     reliability = losses._reliability(torch.zeros(3, 5), proposals, pseudo, teacher_bg=None)
     assert reliability[0] == 0  # on the uncertain box: ignored
     assert reliability[1] > 0.8 and reliability[2] == 0  # the IoU indicator itself
+
+
+def test_background_weights_read_the_classification_uncertain_set_only():
+    detector = build_detector(preset("smoke").detector)
+    losses = StudentLosses(detector, MethodConfig(indicator="none"))  # every weight 1
+    uncertain = torch.tensor([[30.0, 30, 50, 50]])
+    proposals = [torch.tensor([[31.0, 31, 50, 50], [0.0, 40, 10, 60]])]
+    cls_box = torch.tensor([[0.0, 0, 20, 20]])
+    rpn_only = _pseudo(cls_box, rpn_uncertain=uncertain, cls_uncertain=torch.zeros(0, 4))
+    reliability = losses._reliability(torch.zeros(2, 5), proposals, rpn_only, teacher_bg=None)
+    assert reliability.tolist() == [1.0, 1.0]
+    cls_only = _pseudo(cls_box, rpn_uncertain=torch.zeros(0, 4), cls_uncertain=uncertain)
+    reliability = losses._reliability(torch.zeros(2, 5), proposals, cls_only, teacher_bg=None)
+    assert reliability.tolist() == [0.0, 1.0]
 
 
 def test_rpn_ignores_only_background_anchors_near_uncertain_boxes():
@@ -256,20 +304,84 @@ def test_rpn_ignores_only_background_anchors_near_uncertain_boxes():
     detector.train()
     images, _ = detector.transform([torch.rand(3, SIZE, SIZE)])
     features = detector.backbone(images.tensors)
-    target = {"boxes": torch.tensor([[4.0, 4, 28, 28]]), "labels": torch.tensor([1])}
-    empty = PseudoTargets(rpn=[target], cls=[target], reg=[target], uncertain=[torch.zeros(0, 4)])
+    box = torch.tensor([[4.0, 4, 28, 28]])
+    target = {"boxes": box, "labels": torch.tensor([1])}
+    nothing, everywhere = torch.zeros(0, 4), torch.tensor([[0.0, 0, SIZE, SIZE]])
     torch.manual_seed(0)
-    _, ours = rpn_ignoring_uncertain(detector.rpn, images, features, empty)
+    _, ours = rpn_ignoring_uncertain(detector.rpn, images, features, _pseudo(box, nothing, nothing))
     torch.manual_seed(0)
     _, torchvision_losses = detector.rpn(images, features, [target])
     assert ours == torchvision_losses  # no uncertain box: torchvision's RPN exactly
-
-    everywhere = torch.tensor([[0.0, 0, SIZE, SIZE]])
-    ignoring = PseudoTargets(rpn=[target], cls=[target], reg=[target], uncertain=[everywhere])
+    # The classification's uncertain boxes are not the RPN's business.
     torch.manual_seed(0)
-    _, ignored = rpn_ignoring_uncertain(detector.rpn, images, features, ignoring)
+    cls_only = _pseudo(box, rpn_uncertain=nothing, cls_uncertain=everywhere)
+    assert rpn_ignoring_uncertain(detector.rpn, images, features, cls_only)[1] == ours
+
+    torch.manual_seed(0)
+    rpn_only = _pseudo(box, rpn_uncertain=everywhere, cls_uncertain=nothing)
+    _, ignored = rpn_ignoring_uncertain(detector.rpn, images, features, rpn_only)
     assert ignored["loss_objectness"] != ours["loss_objectness"]
     assert torch.isfinite(ignored["loss_objectness"])
+
+
+def _still_teacher():
+    """A teacher whose ROI head regresses nothing: refined boxes are the jittered ones."""
+    teacher = build_detector(preset("smoke").detector).eval()
+    with torch.no_grad():
+        teacher.roi_heads.box_predictor.bbox_pred.weight.zero_()
+        teacher.roi_heads.box_predictor.bbox_pred.bias.zero_()
+    return teacher
+
+
+@pytest.mark.parametrize("norm", ["paper", "original"])
+def test_variance_norm_and_the_image_clip_reach_the_kernel(norm):
+    teacher = _still_teacher()
+    with torch.no_grad():
+        images, _ = teacher.transform([torch.rand(3, SIZE, SIZE)])
+        features = teacher.backbone(images.tensors)
+    # w 24, h 40 (the two norms differ), right edge on the border (the clip matters).
+    boxes = torch.tensor([[40.0, 10.0, 64.0, 50.0]])
+    view = TeacherView(features, images.image_sizes, [boxes], [torch.tensor([1])], [], [])
+    cfg = MethodConfig(n_jitter=10, variance_norm=norm)
+    torch.manual_seed(3)
+    got = jitter_variances(teacher, view, cfg)[0]
+    torch.manual_seed(3)
+    jittered = jitter_boxes(boxes, cfg.n_jitter, cfg.jitter_scale)
+    expected = box_jitter_variance(jittered, boxes, (SIZE, SIZE), norm=norm)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    other = "original" if norm == "paper" else "paper"
+    assert not torch.allclose(got, box_jitter_variance(jittered, boxes, (SIZE, SIZE), other))
+    unclipped = box_jitter_variance(jittered, boxes, (10 * SIZE, 10 * SIZE), norm=norm)
+    assert not torch.allclose(got, unclipped)
+
+
+def test_teacher_scores_student_boxes_mapped_strong_to_weak(monkeypatch):
+    """BG-T: a box of the strong view goes to the weak view by T_weak @ inv(T_strong).
+
+    Original 100 x 80. Weak: resized by 0.5 (50 x 40). Strong: full size, flipped (x -> 100 - x).
+    Strong [10, 20, 30, 40] -> original [70, 20, 90, 40] -> weak [35, 10, 45, 20]; the wrong
+    direction (T_strong @ inv(T_weak)) would give [40, 40, 50, 40].
+    """
+    seen: list[torch.Tensor] = []
+
+    def scoring_head(detector, features, boxes, image_sizes):
+        seen.extend(boxes)
+        n = sum(map(len, boxes))
+        return torch.zeros(n, 5), torch.zeros(n, 20)
+
+    monkeypatch.setattr(pseudo_labels, "box_head_outputs", scoring_head)
+    batch = UnlabeledBatch(
+        weak=[torch.zeros(3, 40, 50)],
+        strong=[torch.zeros(3, 80, 100)],
+        weak_matrices=torch.diag(torch.tensor([0.5, 0.5, 1.0])).unsqueeze(0),
+        strong_matrices=torch.tensor([[[-1.0, 0, 100], [0, 1, 0], [0, 0, 1]]]),
+        image_ids=[0],
+    )
+    view = TeacherView({}, [(40, 50)], boxes=[], labels=[], scores=[], variances=[])
+    strong_box = torch.tensor([[10.0, 20, 30, 40]])
+    background = teacher_background_prob(None, view, batch, [strong_box])
+    torch.testing.assert_close(seen[0], torch.tensor([[35.0, 10, 45, 20]]))
+    assert background.tolist() == pytest.approx([0.2])  # softmax of 5 equal logits
 
 
 def test_roi_pooling_scales_do_not_depend_on_the_first_batch():

@@ -107,6 +107,7 @@ def test_merged_file_holds_both_sets_and_a_supervised_run_trains_on_it(fold_sets
     final = run_single_process(
         cfg,
         dataclasses.replace(fold, labeled_ann=out),
+        shard_dir=tmp_path / "shards",
         log=lambda step, metrics: logged.append(step),
         device=torch.device("cpu"),
     )

@@ -1,164 +1,74 @@
-"""The Ray Data stream: lossless rows, epochs that repeat and reshuffle, exact 1:4 steps
-on two real Ray Train workers, and one-line failures instead of hangs."""
+"""The Ray Data stream: the rows the in-process stream makes, in the plan's order, whatever
+the number of actors; exact 1:4 steps on two real Ray Train workers; one-line failures."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import uuid
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
+import ray
+import ray.train
+import torch
 
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-
-import ray  # noqa: E402
-import ray.train  # noqa: E402
-import torch  # noqa: E402
-
-from softteacher.config import AugmentConfig, SyntheticConfig  # noqa: E402
-from softteacher.data.coco import load_coco  # noqa: E402
-from softteacher.data.images import load_image  # noqa: E402
-from softteacher.data.ray_stream import (  # noqa: E402
-    LABELED_ROW_SCHEMA,
-    UNLABELED_ROW_SCHEMA,
-    AugmentActor,
-    ShardTooSmallError,
-    StepBatches,
-    labeled_dataset,
-    labeled_samples,
-    unlabeled_dataset,
-    unlabeled_samples,
-)
-from softteacher.data.shards import ShardSet, write_shards  # noqa: E402
-from softteacher.data.synthetic import generate_synthetic_coco  # noqa: E402
-from softteacher.data.transforms import labeled_sample, unlabeled_sample  # noqa: E402
+from softteacher.config import preset
+from softteacher.data.coco import load_coco
+from softteacher.data.ray_stream import RayRowStream
+from softteacher.data.rows import StreamPlan
+from softteacher.data.shards import write_shards
+from softteacher.data.steps import LocalRowStream
 
 pytestmark = pytest.mark.ray
-
-TINY = SyntheticConfig(num_train=24, num_val=4, min_size=64, max_size=96, num_classes=4)
-AUGMENT = AugmentConfig(train_sizes=(64, 96), max_size=160)
+AUGMENT = preset("smoke").augment
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=4, include_dashboard=False, address="local", log_to_driver=False)
-    yield
-    ray.shutdown()
+def _plan(shards, kind: str, seed: int = 3, rank: int = 0, world: int = 1) -> StreamPlan:
+    return StreamPlan(kind, shards.num_rows, seed, rank, world)
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory):
-    root = generate_synthetic_coco(tmp_path_factory.mktemp("synthetic"), TINY).root
-    return load_coco(root / "instances_train.json", root / "train")
-
-
-@pytest.fixture(scope="module")
-def shard_set(synthetic, tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
-    return write_shards(synthetic, tmp_path_factory.mktemp("shards"), rows_per_shard=8)
-
-
-def test_actor_rows_round_trip_to_the_samples_transforms_make(ray_cluster, synthetic, shard_set):
-    """Same generator, same views: the Arrow rows lose nothing on the way to collate."""
-    batch = pq.read_table(shard_set.files[0]).slice(0, 3)
-    records = {r.image_id: r for r in synthetic.records}
-    originals = [records[i] for i in batch.column("image_id").to_pylist()]
-
-    for kind, schema in (("labeled", LABELED_ROW_SCHEMA), ("unlabeled", UNLABELED_ROW_SCHEMA)):
-        actor = AugmentActor(kind, AUGMENT, seed=5, shards_root=str(shard_set.root))
-        rows = actor.augment(batch)
-        assert rows.schema.equals(schema)
-        rng = np.random.default_rng((5, os.getpid(), 0))  # outside an actor the key is the pid
-        for record, got in zip(
-            originals,
-            labeled_samples(rows) if kind == "labeled" else unlabeled_samples(rows),
-            strict=True,
-        ):
-            image = load_image(synthetic.image_path(record))
-            if kind == "labeled":
-                want = labeled_sample(record, image, AUGMENT, rng)
-                np.testing.assert_array_equal(got.image, want.image)
-                np.testing.assert_array_equal(got.boxes, want.boxes)
-                np.testing.assert_array_equal(got.labels, want.labels)
-            else:
-                want = unlabeled_sample(record, image, AUGMENT, rng)
-                for name in ("weak", "strong"):
-                    np.testing.assert_array_equal(
-                        getattr(got, name).image, getattr(want, name).image
-                    )
-                    np.testing.assert_array_equal(
-                        getattr(got, name).matrix, getattr(want, name).matrix
-                    )
-
-
-def test_labeled_stream_repeats_and_reshuffles_each_epoch(ray_cluster, synthetic, shard_set):
-    """Supervised steps (no unlabeled shard): 4 labeled images a step, 6 steps an epoch."""
-    stream = StepBatches(
-        labeled_dataset(shard_set, AUGMENT, seed=3, min_rows_per_epoch=1).iterator(),
-        None,
-        4,
-        4,
-        "cpu",
-        seed=3,
+@pytest.mark.parametrize(("kind", "actors"), [("labeled", (1, 1)), ("unlabeled", (2, 2))])
+def test_ray_rows_are_the_in_process_rows_for_any_number_of_actors(
+    ray_cluster, smoke_fold, kind, actors
+):
+    """Two epochs and a bit, cut into uneven takes across two windows, from one actor and
+    from two racing each other."""
+    shards = smoke_fold.unlabeled
+    cfg = AUGMENT
+    plan = _plan(shards, kind)
+    n = 2 * shards.num_rows + 5
+    local = LocalRowStream(shards, plan, cfg).take(n)
+    stream = RayRowStream(
+        shards, plan, cfg, stop=n, concurrency=actors, window_rows=64, segment_rows=3
     )
-    orders: dict[int, list[int]] = {}
-    for _ in range(13):  # two whole epochs and the first step of a third
-        labeled = stream.labeled()
-        assert len(labeled.images) == len(labeled.targets) == 4
-        assert all(image.dtype == torch.float32 and image.shape[0] == 3 for image in labeled.images)
-        orders.setdefault(stream.position()["labeled_epoch"], []).extend(
-            stream.last_image_ids["labeled"]
-        )
-
-    assert stream.position() == {"labeled_epoch": 2, "labeled_batches_in_epoch": 1}
-    all_ids = sorted(r.image_id for r in synthetic.records)
-    assert sorted(orders[0]) == all_ids and sorted(orders[1]) == all_ids
-    assert orders[0] != orders[1]
+    got = [stream.take(k) for k in (1, 7, 4, n - 12)]
+    assert stream.position == n
+    assert pa.concat_tables(got).equals(local)
 
 
-def test_resume_epochs_and_short_epoch_tails_are_dropped(ray_cluster, shard_set):
-    """3 rows a shard: 1 labeled a step stays in one epoch, 2 unlabeled a step drop the third
-    row and start a new epoch every step; ``start_epoch`` takes what ``position()`` gave."""
-    batch = pq.read_table(shard_set.files[0]).slice(0, 3)
-    labeled_rows = AugmentActor("labeled", AUGMENT, seed=0, shards_root="").augment(batch)
-    unlabeled_rows = AugmentActor("unlabeled", AUGMENT, seed=0, shards_root="").augment(batch)
-    stream = StepBatches(
-        ray.data.from_arrow(labeled_rows).iterator(),
-        ray.data.from_arrow(unlabeled_rows).iterator(),
-        1,
-        2,
-        "cpu",
-        seed=0,
-        start_epoch={"labeled_epoch": 4, "unlabeled_epoch": 7},
-    )
-    positions = []
-    for _ in range(3):
-        labeled, unlabeled = stream.labeled(), stream.unlabeled()
-        assert len(labeled.images) == 1 and len(unlabeled.weak) == len(unlabeled.strong) == 2
-        positions.append(stream.position())
-
-    assert [(p["labeled_epoch"], p["labeled_batches_in_epoch"]) for p in positions] == [
-        (4, 1),
-        (4, 2),
-        (4, 3),
-    ]
-    assert [(p["unlabeled_epoch"], p["unlabeled_batches_in_epoch"]) for p in positions] == [
-        (7, 1),
-        (8, 1),
-        (9, 1),
-    ]
+def test_a_stream_started_at_a_position_continues_the_same_rows(ray_cluster, smoke_fold):
+    shards = smoke_fold.labeled
+    cfg = AUGMENT
+    plan = _plan(shards, "labeled")
+    whole = LocalRowStream(shards, plan, cfg).take(3 * shards.num_rows)
+    start = shards.num_rows + 2  # mid-epoch
+    resumed = RayRowStream(shards, plan, cfg, start=start, stop=3 * shards.num_rows)
+    assert resumed.take(6).equals(whole.slice(start, 6))
 
 
-def test_a_shard_smaller_than_a_step_fails_instead_of_hanging(ray_cluster):
-    stream = StepBatches(ray.data.range(3).iterator(), None, 4, 4, "cpu", seed=0)
-    with pytest.raises(ShardTooSmallError, match="has 3 rows, fewer than the 4"):
-        stream.labeled()
+def test_a_stream_asked_beyond_its_planned_rows_says_so(ray_cluster, smoke_fold):
+    shards = smoke_fold.labeled
+    cfg = AUGMENT
+    stream = RayRowStream(shards, _plan(shards, "labeled"), cfg, stop=3)
+    with pytest.raises(RuntimeError, match="asked for more rows than it planned"):
+        stream.take(4)
 
 
-def test_an_undecodable_image_surfaces_with_its_file_name(ray_cluster, synthetic, tmp_path):
+def test_an_undecodable_image_surfaces_with_its_file_name(ray_cluster, smoke_fold, tmp_path):
+    fold = smoke_fold.fold
+    synthetic = load_coco(fold.labeled_ann, fold.train_images)
     images = tmp_path / "images"
     images.mkdir()
     victim = synthetic.records[2].file_name
@@ -167,62 +77,53 @@ def test_an_undecodable_image_surfaces_with_its_file_name(ray_cluster, synthetic
         (images / record.file_name).write_bytes(data[:200] if record.file_name == victim else data)
     small = dataclasses.replace(synthetic, image_root=images, records=synthetic.records[:4])
     broken = write_shards(small, tmp_path / "shards")
-
-    stream = StepBatches(
-        unlabeled_dataset(broken, AUGMENT, seed=0).iterator(), None, 1, 1, "cpu", seed=0
-    )
+    cfg = AUGMENT
+    stream = RayRowStream(broken, _plan(broken, "labeled"), cfg, stop=8)
     with pytest.raises(Exception, match=f"cannot decode image {victim}"):
-        stream.labeled()
+        stream.take(8)
 
 
 def test_two_train_workers_each_get_exactly_1_labeled_and_4_unlabeled_a_step(
-    ray_cluster, synthetic, shard_set, tmp_path
+    ray_cluster, smoke_fold, tmp_path
 ):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from softteacher.run.spec import RunSpec
+
+    cfg = preset("smoke").replace(method={"burn_in_steps": 0}, train={"max_steps": 7})
+    spec = RunSpec(
+        cfg, smoke_fold.fold, smoke_fold.labeled, smoke_fold.unlabeled, "x", str(tmp_path)
+    )
+
     def train_loop(config: dict) -> None:
         """Runs in each Train worker (pickled by value; the imports it uses are installed)."""
-        stream = StepBatches(
-            ray.train.get_dataset_shard("labeled"),
-            ray.train.get_dataset_shard("unlabeled"),
-            1,
-            4,
-            torch.device("cpu"),
-            seed=0,
-        )
+        from softteacher.run.worker import ray_step_batches
+
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        stream = ray_step_batches(config["spec"], rank, world, {}, 0, torch.device("cpu"))
         steps = []
         for _ in range(config["steps"]):
-            labeled, unlabeled = stream.labeled(), stream.unlabeled()
+            labeled, unlabeled = stream.labeled(1), stream.unlabeled(4)
             boxes_inside = all(
                 bool(
                     (t["boxes"] >= 0).all()
                     & (t["boxes"][:, 2] <= image.shape[2]).all()
                     & (t["boxes"][:, 3] <= image.shape[1]).all()
-                    & (t["boxes"][:, 0] < t["boxes"][:, 2]).all()
-                    & (t["boxes"][:, 1] < t["boxes"][:, 3]).all()
                 )
                 for image, t in zip(labeled.images, labeled.targets, strict=True)
             )
-            matrices = torch.cat([unlabeled.weak_matrices, unlabeled.strong_matrices])
             steps.append(
                 {
                     "labeled": len(labeled.images),
-                    "labels_match_boxes": all(
-                        len(t["labels"]) == len(t["boxes"]) for t in labeled.targets
-                    ),
-                    "boxes_inside": boxes_inside,
                     "weak": len(unlabeled.weak),
                     "strong": len(unlabeled.strong),
-                    "matrices_shape": list(unlabeled.weak_matrices.shape),
-                    "matrices_invertible": bool(
-                        (torch.linalg.det(matrices[:, :2, :2]).abs() > 1e-6).all()
-                    ),
+                    "boxes_inside": boxes_inside,
                     "unlabeled_ids": unlabeled.image_ids,
                     "position": stream.position(),
                 }
             )
-        rank = ray.train.get_context().get_world_rank()
         Path(config["out"], f"rank{rank}.json").write_text(json.dumps(steps))
         ray.train.report({"steps": len(steps)})
 
@@ -230,26 +131,26 @@ def test_two_train_workers_each_get_exactly_1_labeled_and_4_unlabeled_a_step(
     out.mkdir()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"steps": 6, "out": str(out)},
+        train_loop_config={"steps": 7, "out": str(out), "spec": spec},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-        datasets={
-            "labeled": labeled_dataset(shard_set, AUGMENT, seed=0, min_rows_per_epoch=1),
-            "unlabeled": unlabeled_dataset(shard_set, AUGMENT, seed=0, min_rows_per_epoch=1),
-        },
         run_config=RunConfig(storage_path=str(tmp_path / "runs"), name=f"s-{uuid.uuid4().hex}"),
     )
-    result = trainer.fit()
-
-    assert result.error is None  # V2 keeps metrics only beside checkpoints: read the files
+    assert trainer.fit().error is None  # V2 keeps metrics only beside checkpoints: read files
     per_rank = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for steps in per_rank:
-        assert len(steps) == 6
+        assert len(steps) == 7
         for step in steps:
             assert (step["labeled"], step["weak"], step["strong"]) == (1, 4, 4), step
-            assert step["labels_match_boxes"] and step["boxes_inside"], step
-            assert step["matrices_shape"] == [4, 3, 3] and step["matrices_invertible"], step
-        # 12 unlabeled rows a worker: 3 steps an epoch, so the last step is in epoch 1
-        assert steps[-1]["position"]["unlabeled_epoch"] == 1
-    # The workers split each unlabeled epoch: together they see every image exactly once.
-    first_epoch = [i for steps in per_rank for step in steps[:3] for i in step["unlabeled_ids"]]
-    assert sorted(first_epoch) == sorted(r.image_id for r in synthetic.records)
+            assert step["boxes_inside"], step
+        assert steps[-1]["position"] == {"labeled_rows": 7, "unlabeled_rows": 28}
+    # Rank r's k-th row is global position 2k + r: the first n global positions are the
+    # first epoch, which visits every unlabeled image exactly once.
+    n = smoke_fold.unlabeled.num_rows
+    assert 2 * 28 >= n
+    first_epoch = [
+        image_id
+        for rank, steps in enumerate(per_rank)
+        for k, image_id in enumerate(i for step in steps for i in step["unlabeled_ids"])
+        if 2 * k + rank < n
+    ]
+    assert sorted(first_epoch) == sorted(set(first_epoch)) and len(first_epoch) == n

@@ -1,95 +1,121 @@
-"""Ray Train on loopback: a stopped run resumes at its step; two simulated nodes each get
-one worker of a 2-worker run."""
+"""Ray Train on loopback: a run is reproducible (same seed, same losses and weights, even
+with the CPU contended, and after a stop and resume), local mode runs the same loop, and two
+simulated nodes each get one worker of a 2-worker run."""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import ray
+import torch
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
 from softteacher.config import preset
-from softteacher.data.protocol import synthetic_folds
-from softteacher.data.ray_stream import labeled_dataset, unlabeled_dataset
-from softteacher.data.shards import write_shards
-from softteacher.track.mlflow_runs import start_parent_run
-from softteacher.train.ray_worker import WorkerJob, WorkerResources, build_torch_trainer
+from softteacher.run.fit import RunResult, run
+from softteacher.run.spec import RunSpec, WorkerResources
+from softteacher.track.mlflow_runs import RunRef, start_parent_run
+from softteacher.train.checkpoint import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.ray
+ONE_WORKER = WorkerResources(num_workers=1, cpus_per_worker=1)
 
 
-@pytest.fixture(scope="module")
-def fold_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cfg = preset("smoke")
-    fold = synthetic_folds(root, cfg.synthetic, [10], [1])[0]
-    labeled, unlabeled, _ = fold.load()
-    return fold, write_shards(labeled, root / "shards"), write_shards(unlabeled, root / "shards")
-
-
-def _fit(fold_shards, tmp_path, *, max_steps, resources, run_name="run"):
-    fold, labeled, unlabeled = fold_shards
+def _run(
+    smoke_fold,
+    tmp_path: Path,
+    name: str,
+    *,
+    max_steps: int = 8,
+    seed: int = 0,
+    resources: WorkerResources = ONE_WORKER,
+) -> tuple[RunResult, list[float], RunRef]:
+    """A smoke run (burn-in 4 steps, then 1 labeled + 4 unlabeled); its loss at each step."""
     cfg = preset("smoke").replace(
-        train={"max_steps": max_steps, "ckpt_every": 2, "log_every": 1, "eval_every": 100}
+        train={
+            "max_steps": max_steps,
+            "ckpt_every": 100,  # checkpoints at the end of burn-in and at the end only
+            "log_every": 1,
+            "eval_every": 100,
+            "seed": seed,
+        }
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run = start_parent_run(uri, "tests", run_name, {})
-    job = WorkerJob(cfg, str(fold.val_ann), str(fold.val_images), 1, tracking=run)
-    datasets = {
-        "labeled": labeled_dataset(labeled, cfg.augment, seed=0),
-        "unlabeled": unlabeled_dataset(unlabeled, cfg.augment, seed=1),
-    }
-    trainer = build_torch_trainer(
-        job, resources, datasets, run_name=run_name, storage_path=tmp_path / "train"
+    tracking = start_parent_run(uri, "tests", name, {})
+    spec = RunSpec(
+        cfg,
+        smoke_fold.fold,
+        smoke_fold.labeled,
+        smoke_fold.unlabeled,
+        name=name,
+        storage_path=str(tmp_path / "train"),
+        resources=resources,
+        tracking=tracking,
     )
-    return trainer.fit(), MlflowClient(uri), run
+    result = run(spec)
+    history = MlflowClient(uri).get_metric_history(tracking.run_id, "loss/total")
+    return result, [m.value for m in sorted(history, key=lambda m: m.step)], tracking
 
 
-def test_a_stopped_run_resumes_at_its_last_checkpoint(fold_shards, tmp_path):
-    ray.init(num_cpus=4, include_dashboard=False)
+def _weights_digest(result: RunResult) -> str:
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
+    digest = hashlib.sha256()
+    for key in sorted(state["student"]):
+        digest.update(key.encode())
+        digest.update(state["student"][key].cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _comparable(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}  # APl of tiny objects
+
+
+def test_same_seed_same_run_on_a_busy_machine_and_after_a_stop(ray_cluster, smoke_fold, tmp_path):
+    """One seed, three ways: uninterrupted; again with another process hogging a core; and
+    stopped at step 5, then resumed from its checkpoint (the same run name) to step 8."""
+    first, losses, _ = _run(smoke_fold, tmp_path, "a")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        resources = WorkerResources(num_workers=1, cpus_per_worker=1)
-        first, client, run = _fit(fold_shards, tmp_path, max_steps=4, resources=resources)
-        assert first.checkpoint is not None
-        steps = [m.step for m in client.get_metric_history(run.run_id, "loss/total")]
-        assert steps == [1, 2, 3, 4]
-        # the same run name in the same storage: Ray Train restores the latest checkpoint
-        second, client, run = _fit(fold_shards, tmp_path, max_steps=7, resources=resources)
-        steps = [m.step for m in client.get_metric_history(run.run_id, "loss/total")]
-        assert steps == [5, 6, 7]  # continued from step 4, did not start over
-        assert second.metrics["checkpoint_step"] == 7
+        second, again, _ = _run(smoke_fold, tmp_path, "b")
     finally:
-        ray.shutdown()
+        hog.kill()
+    part, head, _ = _run(smoke_fold, tmp_path, "resumed", max_steps=5)
+    rest, resumed, _ = _run(smoke_fold, tmp_path, "resumed")
+
+    assert len(losses) == 8 and len(set(losses)) > 1
+    assert again == losses
+    assert head == losses[:5] and head + resumed == losses  # resumed logs steps 6-8 only
+    assert part.checkpoint is not None
+    assert _weights_digest(first) == _weights_digest(second) == _weights_digest(rest)
+    assert _comparable(first.metrics) == _comparable(second.metrics) == _comparable(rest.metrics)
 
 
 LOCAL_MODE_RUN = """
-import sys, tempfile
-import subprocess
 import sys
 from pathlib import Path
 import ray
 from softteacher.config import preset
 from softteacher.data.protocol import synthetic_folds
-from softteacher.data.ray_stream import labeled_dataset, unlabeled_dataset
 from softteacher.data.shards import write_shards
-from softteacher.train.ray_worker import WorkerJob, WorkerResources, build_torch_trainer
+from softteacher.run.fit import run
+from softteacher.run.spec import RunSpec, WorkerResources
 root = Path(sys.argv[1])
 cfg = preset("smoke").replace(train={"max_steps": 3, "ckpt_every": 3, "eval_every": 3})
 fold = synthetic_folds(root, cfg.synthetic, [10], [1])[0]
 labeled, unlabeled, _ = fold.load()
 ray.init(num_cpus=4, include_dashboard=False)
-job = WorkerJob(cfg, str(fold.val_ann), str(fold.val_images), 1)
-datasets = {
-    "labeled": labeled_dataset(write_shards(labeled, root / "s"), cfg.augment, seed=0),
-    "unlabeled": unlabeled_dataset(write_shards(unlabeled, root / "s"), cfg.augment, seed=1),
-}
-result = build_torch_trainer(
-    job, WorkerResources(num_workers=0), datasets, run_name="local", storage_path=root / "t"
-).fit()
-print("checkpoint_step", result.metrics["checkpoint_step"], "teacher/AP" in result.metrics)
+spec = RunSpec(
+    cfg, fold, write_shards(labeled, root / "s"), write_shards(unlabeled, root / "s"),
+    name="local", storage_path=str(root / "t"), resources=WorkerResources(num_workers=0),
+)
+result = run(spec)
+print("checkpoint", result.checkpoint is not None, "teacher/AP" in result.metrics)
 """
 
 
@@ -103,10 +129,12 @@ def test_local_mode_runs_the_same_loop_in_process(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "checkpoint_step 3 True" in done.stdout
+    assert "checkpoint True True" in done.stdout
 
 
-def test_two_workers_spread_over_two_nodes(fold_shards, tmp_path):
+def test_two_workers_spread_over_two_nodes(smoke_fold, tmp_path):
+    if ray.is_initialized():
+        ray.shutdown()  # this test needs a cluster of its own; the next Ray test restarts one
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address)
@@ -114,9 +142,9 @@ def test_two_workers_spread_over_two_nodes(fold_shards, tmp_path):
         resources = WorkerResources(
             num_workers=2, cpus_per_worker=0.5, placement_strategy="STRICT_SPREAD"
         )
-        result, client, run = _fit(fold_shards, tmp_path, max_steps=3, resources=resources)
-        assert result.error is None
-        tags = client.get_run(run.run_id).data.tags
+        result, _, tracking = _run(smoke_fold, tmp_path, "spread", max_steps=3, resources=resources)
+        assert result.checkpoint is not None
+        tags = MlflowClient(tracking.tracking_uri).get_run(tracking.run_id).data.tags
         nodes = {tags["worker/0/node_id"], tags["worker/1/node_id"]}
         assert len(nodes) == 2
         assert nodes == {node["NodeID"] for node in ray.nodes() if node["Alive"]}

@@ -14,8 +14,7 @@ from softteacher.config import SyntheticConfig
 from softteacher.data import shards as shards_module
 from softteacher.data.coco import CocoDataset, load_coco
 from softteacher.data.images import CorruptImageError
-from softteacher.data.shards import SHARD_SCHEMA, SUCCESS_MARKER, write_shards
-from softteacher.data.streams import EmptyDatasetError
+from softteacher.data.shards import SHARD_SCHEMA, SUCCESS_MARKER, EmptyDatasetError, write_shards
 from softteacher.data.synthetic import generate_synthetic_coco
 
 TINY = SyntheticConfig(num_train=24, num_val=4, min_size=64, max_size=96, num_classes=4)

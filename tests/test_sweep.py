@@ -1,5 +1,6 @@
 """The platform end to end: the fold-sweep command on a real Ray cluster on loopback, its
-MLflow store and its table; a rerun resumes instead of training again."""
+MLflow store and its table; a rerun resumes instead of training again; a failed trial
+fails the sweep (exit code, MLflow status) and stays out of the table; seeds replicate."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from softteacher.config import preset
-from softteacher.tune.sweep import SweepSettings, split_shared_burn_in
+from softteacher.run.spec import WorkerResources
+from softteacher.track.mlflow_runs import PARENT_TAG as PARENT
+from softteacher.tune.sweep import SweepResult, SweepSettings, run_sweep, split_shared_burn_in
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
 
 pytestmark = pytest.mark.ray
 
@@ -55,10 +59,13 @@ def _sweep(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_two_trial_sweep_records_runs_and_table_and_resumes(tmp_path):
-    first = _sweep(tmp_path)
+def test_sweep_command_records_runs_branches_off_the_burn_in_and_resumes(tmp_path):
+    """The one end-to-end command: a supervised trial, a Soft Teacher trial branched off its
+    end-of-burn-in checkpoint, MLflow runs, the table; a rerun resumes and trains nothing."""
+    first = _sweep(tmp_path, "--shared-burn-in")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "Ray dashboard: http://127.0.0.1:" in first.stdout
+    assert "shared burn-in: 1 run(s) first, then 1 semi-supervised run(s)" in first.stdout
     assert first.stdout.count("[done]") == 2
 
     results = tmp_path / "results"
@@ -66,18 +73,23 @@ def test_two_trial_sweep_records_runs_and_table_and_resumes(tmp_path):
     experiment = client.get_experiment_by_name("fold_sweep")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2
-    assert {c.data.params["method"] for c in children} == {"supervised", "soft_teacher_jitter"}
-    for child in children:
+    children = {r.data.params["method"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert set(children) == {"supervised", "soft_teacher_jitter"}
+    for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
         assert "final/teacher/AP" in child.data.metrics
         assert "final/student/AP50" in child.data.metrics
-        history = client.get_metric_history(child.info.run_id, "loss/total")
-        assert len(history) >= 2 and history[-1].step > history[0].step
-    soft = next(c for c in children if c.data.params["method"] == "soft_teacher_jitter")
+    supervised, soft = children["supervised"], children["soft_teacher_jitter"]
     assert client.get_metric_history(soft.info.run_id, "pseudo/cls_per_image")
+    burn_in = preset("smoke").method.burn_in_steps
+    branch = Path(soft.data.params["train.branch_from"])
+    assert branch.parent.name.endswith(supervised.info.run_name)
+    steps = [m.step for m in client.get_metric_history(soft.info.run_id, "loss/total")]
+    assert min(steps) > burn_in  # it trained its semi-supervised phase only
+    baseline_steps = client.get_metric_history(supervised.info.run_id, "loss/total")
+    assert min(m.step for m in baseline_steps) <= burn_in
 
     tables = list(results.glob("*_table.csv"))
     assert len(tables) == 1
@@ -85,12 +97,60 @@ def test_two_trial_sweep_records_runs_and_table_and_resumes(tmp_path):
         rows = list(csv.DictReader(handle))
     assert {row["method"] for row in rows} == {"supervised", "soft_teacher_jitter"}
 
-    again = _sweep(tmp_path)
+    again = _sweep(tmp_path, "--shared-burn-in")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming sweep" in again.stdout
     assert again.stdout.count("[start]") == 0  # finished trials are not rerun
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 3
+    assert len(client.search_runs([experiment.experiment_id])) == 3
+
+
+def test_a_failed_trial_fails_the_sweep_and_its_mlflow_runs(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = SweepSettings(
+        preset="smoke",
+        ratios=(10.0,),
+        folds=(1,),
+        methods=("supervised",),
+        overrides=(f"train.init_from={tmp_path / 'no-such-checkpoint'}",),
+        results_dir=str(tmp_path / "results"),
+        data_dir=str(tmp_path / "data"),
+        resources=WorkerResources(num_workers=1, cpus_per_worker=1, max_failures=0),
+    )
+    result = run_sweep(settings)
+
+    assert not result.ok and result.finished == [] and len(result.failed) == 1
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fold_sweep").experiment_id])
+    statuses = {("child" if PARENT in r.data.tags else "parent"): r for r in runs}
+    assert statuses["parent"].info.status == "FAILED"
+    assert statuses["child"].info.status == "FAILED"
+    assert "no-such-checkpoint" in statuses["child"].data.tags["error"]
+    with next((tmp_path / "results").glob("*_table.csv")).open() as handle:
+        assert list(csv.DictReader(handle)) == []  # a failed trial is never averaged in
+
+
+def test_the_command_exits_non_zero_when_a_trial_failed(monkeypatch, tmp_path):
+    import fold_sweep
+
+    monkeypatch.setattr(fold_sweep, "start_or_join", lambda *args: None)
+    monkeypatch.setattr(fold_sweep, "run_sweep", lambda settings: SweepResult([], ["r10-f1"]))
+    with pytest.raises(SystemExit) as exit_info:
+        fold_sweep.main(["--preset", "smoke", "--ratios", "10", "--folds", "1"])
+    assert exit_info.value.code == 1
+
+
+def test_seeds_replicate_every_trial_and_its_baseline():
+    settings = SweepSettings(preset="smoke", ratios=(10.0,), folds=(1, 2), seeds=(1, 2))
+    settings = dataclasses.replace(settings, baseline=True)
+    specs = settings.trial_specs()
+    assert len(specs) == 8 and len({s.name for s in specs}) == 8
+    assert {(s.method, s.fold, s.seed) for s in specs} == {
+        (m, f, seed)
+        for m in ("soft_teacher_jitter", "supervised")
+        for f in (1, 2)
+        for seed in (1, 2)
+    }
+    assert specs[0].apply(preset("smoke")).train.seed == 1
 
 
 def test_a_preset_changed_in_code_names_a_new_sweep(monkeypatch):
@@ -103,29 +163,6 @@ def test_a_preset_changed_in_code_names_a_new_sweep(monkeypatch):
     changed = config.PRESETS["smoke"]().replace(train={"max_steps": 13})
     monkeypatch.setitem(config.PRESETS, "smoke", lambda: changed)
     assert SweepSettings(preset="smoke").name != before
-
-
-def test_shared_burn_in_branches_the_semi_supervised_trial_off_the_baseline(tmp_path):
-    done = _sweep(tmp_path, "--shared-burn-in")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "shared burn-in: 1 run(s) first, then 1 semi-supervised run(s)" in done.stdout
-
-    burn_in = preset("smoke").method.burn_in_steps
-    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("fold_sweep")
-    children = {
-        r.data.params["method"]: r
-        for r in client.search_runs([experiment.experiment_id])
-        if "mlflow.parentRunId" in r.data.tags
-    }
-    supervised, soft = children["supervised"], children["soft_teacher_jitter"]
-    branch = Path(soft.data.params["train.branch_from"])
-    assert branch.parent.name.endswith(supervised.info.run_name)
-    steps = [m.step for m in client.get_metric_history(soft.info.run_id, "loss/total")]
-    assert min(steps) > burn_in  # it trained its semi-supervised phase only
-    baseline_steps = client.get_metric_history(supervised.info.run_id, "loss/total")
-    assert min(m.step for m in baseline_steps) <= burn_in
-    assert "final/teacher/AP" in soft.data.metrics
 
 
 def test_shared_burn_in_runs_a_supervised_trial_first_for_each_ratio_and_fold():

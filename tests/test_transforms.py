@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from softteacher.config import AugmentConfig
+from softteacher.config import AugmentConfig, ExperimentConfig, preset
 from softteacher.data import transforms as T
 from softteacher.data.samples import ImageRecord, View
 
@@ -19,6 +21,7 @@ RECT = np.array([[30.0, 20.0, 70.0, 50.0]])
 DISC_CENTRE, DISC_RADIUS = (110.0, 75.0), 18.0
 
 SMALL = AugmentConfig(train_sizes=(80, 140), max_size=200, test_size=100)
+SHARED = dataclasses.replace(SMALL, shared_resize_flip=True)
 
 
 def canvas() -> np.ndarray:
@@ -194,17 +197,40 @@ def test_same_seed_same_views():
     assert not np.array_equal(first[1].matrix, other[1].matrix)
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_weak_and_strong_share_resize_and_flip(seed):
+def resize_flip_signature(view: View) -> tuple[tuple[int, ...], float]:
+    """The view's size and the determinant of its linear part: the translate, rotate or shear
+    of a strong view has determinant 1, so this is +-(x scale * y scale), negative if flipped."""
+    return view.image.shape, float(np.linalg.det(view.matrix[:2, :2]))
+
+
+def test_weak_and_strong_draw_resize_and_flip_independently():
     image, _ = rectangle_image()
-    weak, strong = T.weak_strong_views(image, SMALL, np.random.default_rng(seed))
-    assert weak.image.shape == strong.image.shape
+    differ = 0
+    for seed in range(12):
+        weak, strong = T.weak_strong_views(image, SMALL, np.random.default_rng(seed))
+        # The weak view's draws, then a whole strong view's from the same generator.
+        rng = np.random.default_rng(seed)
+        np.testing.assert_array_equal(weak.image, T.weak_view(image, SMALL, rng).image)
+        np.testing.assert_array_equal(strong.image, T.strong_view(image, SMALL, rng).image)
+        (weak_shape, weak_det), (strong_shape, strong_det) = map(
+            resize_flip_signature, (weak, strong)
+        )
+        differ += weak_shape != strong_shape or np.sign(weak_det) != np.sign(strong_det)
+    assert differ >= 6  # 61 sizes and a fair flip each: nearly every seed differs
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_weak_and_strong_share_resize_and_flip_when_asked(seed):
+    image, _ = rectangle_image()
+    weak, strong = T.weak_strong_views(image, SHARED, np.random.default_rng(seed))
+    (weak_shape, weak_det), (strong_shape, strong_det) = map(resize_flip_signature, (weak, strong))
+    assert weak_shape == strong_shape and strong_det == pytest.approx(weak_det)
     # Same draw order as the single-view functions.
     np.testing.assert_array_equal(
-        weak.matrix, T.weak_view(image, SMALL, np.random.default_rng(seed)).matrix
+        weak.matrix, T.weak_view(image, SHARED, np.random.default_rng(seed)).matrix
     )
     np.testing.assert_array_equal(
-        strong.image, T.strong_view(image, SMALL, np.random.default_rng(seed)).image
+        strong.image, T.strong_view(image, SHARED, np.random.default_rng(seed)).image
     )
     # strong @ inv(weak) is one translate, rotation or shear: determinant 1, no resize or flip left.
     between = strong.matrix @ np.linalg.inv(weak.matrix)
@@ -309,11 +335,49 @@ def test_labeled_sample_drops_boxes_that_leave_and_keeps_labels_aligned():
     assert pushed[0, 2] - pushed[0, 0] < 1 and pushed[1, 2] - pushed[1, 0] >= 1
 
 
+def test_paper_labeled_view_is_resize_flip_and_one_colour_op():
+    """Both references: no geometric op and no cutout on labeled images, one colour op."""
+    image, _ = rectangle_image()
+    boxes = np.array([[10.0, 10.0, 60.0, 50.0], [100.0, 60.0, 150.0, 110.0]], dtype=np.float32)
+    record = ImageRecord(4, "e.jpg", WIDTH, HEIGHT, boxes, np.array([1, 2]))
+    # Short side 120 -> 60 (scale 0.5, 80 x 60), then always flipped: x -> 80 - x.
+    cfg = AugmentConfig(train_sizes=(60, 60), max_size=400, flip_prob=1.0)
+    assert cfg.labeled_view == "colour"
+    hand = np.array([[-0.5, 0.0, 80.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    recoloured = 0
+    for seed in range(10):
+        sample = T.labeled_sample(record, image, cfg, np.random.default_rng(seed))
+        np.testing.assert_allclose(
+            sample.boxes, [[50.0, 5.0, 75.0, 25.0], [5.0, 30.0, 30.0, 55.0]], atol=1e-4
+        )
+        view = T.colour_view(image, cfg, np.random.default_rng(seed))
+        np.testing.assert_allclose(view.matrix, hand)
+        np.testing.assert_array_equal(view.image, sample.image)
+        # Exactly the drawn colour op on the resized, flipped image: nothing else touched it.
+        rng = np.random.default_rng(seed)
+        plain = T.weak_view(image, cfg, rng).image
+        op, magnitude = T._sample_colour_op(cfg, rng)
+        np.testing.assert_array_equal(sample.image, T._colour(plain, op, magnitude))
+        recoloured += not np.array_equal(sample.image, plain)
+    assert recoloured > 0
+
+
+def test_presets_labeled_view_and_resize_flip_draws():
+    for config in (ExperimentConfig(), preset("paper")):
+        assert config.augment.labeled_view == "colour"
+        assert not config.augment.shared_resize_flip
+    for name in ("cpu", "bench", "smoke"):
+        assert preset(name).augment.labeled_view == "weak"
+    with pytest.raises(ValueError, match="augment.labeled_view"):
+        AugmentConfig(labeled_view="cutout")
+
+
 def test_strong_labeled_sample_boxes_stay_inside_the_view():
     image, _ = rectangle_image()
     record = ImageRecord(1, "b.jpg", WIDTH, HEIGHT, RECT.astype(np.float32), np.array([5]))
+    strong = dataclasses.replace(SMALL, labeled_view="strong")
     for seed in range(10):
-        sample = T.labeled_sample(record, image, SMALL, np.random.default_rng(seed))
+        sample = T.labeled_sample(record, image, strong, np.random.default_rng(seed))
         assert len(sample.boxes) == len(sample.labels)
         height, width = sample.image.shape[:2]
         assert (sample.boxes[:, [0, 2]] <= width).all() and (

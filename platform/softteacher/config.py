@@ -6,6 +6,10 @@ One dataclass per concern; ``PRESETS`` is the only place where a preset changes 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,7 +19,7 @@ Method = Literal[
 Indicator = Literal["bg_teacher", "bg_student", "pred_diff", "iou", "reverse_iou", "none"]
 SoftWeightNorm = Literal["joint", "paper"]
 DetectorPreset = Literal["r50-fpn", "slim"]
-ViewKind = Literal["weak", "strong"]
+ViewKind = Literal["weak", "colour", "strong"]
 
 # In the paper's ablation order (Tables 5-6): tables list methods in this order.
 METHODS: tuple[str, ...] = (
@@ -34,6 +38,24 @@ INDICATORS: tuple[str, ...] = (
     "reverse_iou",
     "none",
 )
+
+
+def _require_unit_interval(section: str, obj: object, names: Sequence[str], hint: str) -> None:
+    """A score threshold outside [0, 1] silently keeps every box or none."""
+    for name in names:
+        value = getattr(obj, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{section}.{name} must be in [0, 1], got {value!r}; {hint}")
+
+
+def _require_at_least(
+    section: str, obj: object, names: Sequence[str], low: float, hint: str
+) -> None:
+    """A count or weight below ``low`` fails (or does nothing) only deep inside a run."""
+    for name in names:
+        value = getattr(obj, name)
+        if not value >= low:
+            raise ValueError(f"{section}.{name} must be >= {low:g}, got {value!r}; {hint}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +89,19 @@ class AugmentConfig:
     fill: int = 125
     cutout_count: tuple[int, int] = (1, 4)
     cutout_max_frac: float = 0.2
-    labeled_view: ViewKind = "strong"
+    # Both references augment labeled images with resize + flip + one colour op ("colour");
+    # "weak" drops the colour op, "strong" adds the unlabeled student's geometric op and cutout.
+    labeled_view: ViewKind = "colour"
+    # Both references run the weak and the strong pipeline on their own copy of an unlabeled
+    # image, so each view draws its own resize and flip; True shares one draw between them.
+    shared_resize_flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.labeled_view not in ("weak", "colour", "strong"):
+            raise ValueError(
+                f"unknown augment.labeled_view {self.labeled_view!r}; "
+                "use 'weak', 'colour' or 'strong'"
+            )
 
 
 @dataclass(frozen=True)
@@ -104,10 +138,14 @@ class MethodConfig:
     reg_thr: float = 0.02
     n_jitter: int = 10
     jitter_scale: float = 0.06
+    # Eq. 9 divides each coordinate's std by 0.5 (h + w) ("paper"); the authors' code divides
+    # x-stds by w and y-stds by h ("original").
+    variance_norm: Literal["paper", "original"] = "paper"
     unsup_weight: float = 4.0
-    # Not in the paper: teacher candidates scored above candidate_thr but not above cls_thr
-    # are left out of the unsupervised RPN and classification losses instead of counting as
-    # background (a weak teacher misses most objects at cls_thr; see CALIBRATION.md).
+    # Not in the paper: teacher candidates scored above candidate_thr but not above rpn_thr
+    # (for the RPN loss) or cls_thr (for the classification loss) are left out of that loss
+    # instead of counting as background (a weak teacher misses most objects at cls_thr; see
+    # CALIBRATION.md).
     ignore_uncertain: bool = False
     unsup_weight_ramp_steps: int = 0
     burn_in_steps: int = 0
@@ -119,6 +157,25 @@ class MethodConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.indicator not in INDICATORS:
             raise ValueError(f"unknown indicator {self.indicator!r}; choose one of {INDICATORS}")
+        if self.variance_norm not in ("paper", "original"):
+            raise ValueError(
+                f"unknown method.variance_norm {self.variance_norm!r}; use 'paper' or 'original'"
+            )
+        _require_unit_interval(
+            "method", self, ("candidate_thr", "cls_thr", "rpn_thr"),
+            "it compares teacher scores, which are probabilities (the paper uses 0.9)",
+        )
+        _require_at_least(
+            "method", self, ("reg_thr",), 0, "it bounds a box-coordinate std (the paper: 0.02)"
+        )
+        _require_at_least(
+            "method", self, ("unsup_weight",), 0, "it weighs the unsupervised loss (the paper: 4)"
+        )
+        if self.uses_jitter and self.n_jitter < 2:
+            raise ValueError(
+                f"method.n_jitter must be >= 2 for method {self.method!r}, got {self.n_jitter}; "
+                "the variance of fewer than 2 jittered boxes is undefined (the paper uses 10)"
+            )
 
     @property
     def uses_unlabeled(self) -> bool:
@@ -154,6 +211,10 @@ class OptimConfig:
     decay_gamma: float = 0.1
     grad_clip_norm: float | None = None
 
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}; the paper uses 0.01")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -180,6 +241,14 @@ class TrainConfig:
                 "train.init_from (weights only, a fresh schedule) and train.branch_from (the "
                 "whole state, the schedule continues) exclude each other; set one"
             )
+        _require_at_least(
+            "train", self, ("max_steps", "labeled_per_step", "unlabeled_per_step"), 1,
+            "a run needs at least one step, and at least one image of each kind a step",
+        )
+        _require_at_least(
+            "train", self, ("eval_every", "ckpt_every", "log_every"), 1,
+            "it is a number of steps (give a large one to do it rarely)",
+        )
 
     @property
     def images_per_step(self) -> int:
@@ -218,11 +287,15 @@ class ExperimentConfig:
         units = max(1, self.train.images_per_step // self.train.labeled_per_step)
         return units * self.train.labeled_per_step, 0
 
-    def labeled_batch_unit(self) -> int:
-        """The labeled stream's batch: every step's labeled count is a multiple of it."""
-        if self.method.uses_unlabeled:
-            return self.train.labeled_per_step
-        return self.step_batch_sizes(0)[0]
+    def rows_needed(self, start_step: int) -> tuple[int, int]:
+        """Labeled and unlabeled rows the steps from ``start_step`` to ``max_steps`` take: a
+        stream's work list is bounded by it, so no row is augmented for nobody."""
+        labeled = unlabeled = 0
+        for step in range(start_step, self.train.max_steps):
+            n_labeled, n_unlabeled = self.step_batch_sizes(step)
+            labeled += n_labeled
+            unlabeled += n_unlabeled
+        return labeled, unlabeled
 
     @classmethod
     def from_dict(cls, data: dict) -> ExperimentConfig:
@@ -255,6 +328,81 @@ _SECTION_TYPES = {
 
 def _tuple_if_list(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    """``cfg`` with each ``section.field=value`` set (``--set``, like MMDetection's
+    ``--cfg-options``): any field can be tried without a new preset or flag. Values are
+    parsed by the field's annotated type; a later override of a field wins."""
+    changes: dict[str, dict[str, object]] = {}
+    for override in overrides:
+        key, equals, text = override.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not equals or not dot:
+            raise ValueError(
+                f"--set {override!r}: expected section.field=value, e.g. method.cls_thr=0.8"
+            )
+        if section not in _SECTION_TYPES:
+            raise ValueError(
+                f"--set {override}: unknown section {section!r}; known: {', '.join(_SECTION_TYPES)}"
+            )
+        hints = typing.get_type_hints(_SECTION_TYPES[section])
+        if name not in hints:
+            raise ValueError(
+                f"--set {override}: {section} has no field {name!r}; its fields: "
+                f"{', '.join(hints)}"
+            )
+        try:
+            changes.setdefault(section, {})[name] = _parse_value(text.strip(), hints[name])
+        except ValueError as expected:
+            raise ValueError(
+                f"--set {override}: {key.strip()} takes {expected}, got {text.strip()!r}"
+            ) from None
+    return cfg.replace(**changes)
+
+
+def _parse_value(text: str, hint: object) -> object:
+    """``text`` as a value of type ``hint``; a ValueError says what the type takes."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.lower() in ("none", "null"):
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _parse_value(text, inner)
+    if origin is Literal:
+        if text not in args:
+            raise ValueError("one of " + ", ".join(map(repr, args)))
+        return text
+    if origin is tuple:
+        items = [item.strip() for item in text.split(",")] if text else []
+        item_types = [args[0]] * len(items) if args[-1] is Ellipsis else list(args)
+        if len(items) != len(item_types):
+            raise ValueError(f"{len(item_types)} comma-separated values")
+        try:
+            return tuple(_parse_value(item, t) for item, t in zip(items, item_types))
+        except ValueError as item:
+            raise ValueError(f"comma-separated values, each {item}") from None
+    if hint is bool:
+        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if text.lower() not in words:
+            raise ValueError("true or false")
+        return words[text.lower()]
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("a whole number") from None
+    if hint is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("a number") from None
+        if not math.isfinite(value):
+            raise ValueError("a finite number")
+        return value
+    if hint is str:
+        return text
+    raise TypeError(f"apply_overrides cannot parse a {hint!r} field; teach _parse_value it")
 
 
 def _slim_detector(num_classes: int) -> DetectorConfig:

@@ -62,6 +62,28 @@ class CocoDataset:
         return self.image_root / record.file_name
 
 
+@dataclass(frozen=True)
+class CocoSummary:
+    """A COCO file's image count and validated categories, without building its records:
+    what the checks before a sweep need (the detector's class count comes from it)."""
+
+    ann_file: Path
+    num_images: int
+    categories: list[dict]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+
+def coco_summary(ann_file: Path) -> CocoSummary:
+    """The image count and the categories of ``ann_file`` (``.num_classes``: their number)."""
+    ann_file = Path(ann_file)
+    content = read_coco_json(ann_file)
+    categories = _validated_categories(ann_file, content["categories"])
+    return CocoSummary(ann_file, len(content["images"]), categories)
+
+
 def read_coco_json(ann_file: Path) -> dict:
     """The file's JSON, checked to be an object with ``images``, ``annotations``, ``categories``."""
     ann_file = Path(ann_file)
@@ -106,7 +128,9 @@ def load_coco(
 
     ``on_bad_box``: ``clip`` clips boxes to their image and drops the ones left empty,
     ``drop`` drops every box that is empty or leaves its image, ``error`` raises on the
-    first. Crowd boxes (``iscrowd=1``) are never training targets: they are skipped.
+    first. Crowd boxes (``iscrowd=1``) are never training targets, as in COCO's own
+    evaluation: they are skipped and counted (``crowd_boxes``). An image without
+    annotations is kept, with no boxes.
     """
     if on_bad_box not in ("clip", "drop", "error"):
         raise ValueError(f"on_bad_box={on_bad_box!r}; choose 'clip', 'drop' or 'error'")
@@ -150,22 +174,25 @@ def load_coco(
     )
 
 
-def check_same_categories(labeled: CocoDataset, unlabeled: CocoDataset) -> None:
-    """Fail when two sets disagree on categories.
+def check_same_categories(
+    first: CocoDataset | CocoSummary, second: CocoDataset | CocoSummary
+) -> None:
+    """Fail when two files disagree on categories (ids and names).
 
     A known trap of the reference code: an unlabeled set whose classes differ from the
-    labeled set's silently gives zero unsupervised loss.
+    labeled set's silently gives zero unsupervised loss; a val file's, a wrong score.
     """
-    left = [(c["id"], c["name"]) for c in labeled.categories]
-    right = [(c["id"], c["name"]) for c in unlabeled.categories]
+    left = [(c["id"], c["name"]) for c in first.categories]
+    right = [(c["id"], c["name"]) for c in second.categories]
     if left == right:
         return
     only_left = sorted(set(left) - set(right))[:5]
     only_right = sorted(set(right) - set(left))[:5]
     raise CocoFormatError(
-        f"{unlabeled.ann_file}: categories differ from {labeled.ann_file} "
-        f"(only in labeled: {only_left}, only in unlabeled: {only_right}); "
-        "build both files from the same annotation file (experiments/prepare_folds.py)"
+        f"{second.ann_file}: categories differ from {first.ann_file} "
+        f"(only in {first.ann_file.name}: {only_left}, only in {second.ann_file.name}: "
+        f"{only_right}); every file of a run must list the same categories: take them from one "
+        "dataset release and build the folds from it (experiments/prepare_folds.py)"
     )
 
 
@@ -233,6 +260,7 @@ def _gather_annotations(
     slots: list[int] = []
     labels: list[int] = []
     boxes: list[list] = []
+    ids: list[object] = []
     crowd = 0
     isfinite = math.isfinite
     for index, ann in enumerate(raw):
@@ -250,12 +278,15 @@ def _gather_annotations(
             well_formed = False
         if not well_formed:
             raise _annotation_error(ann_file, index, ann, slot_of_image, cat_id_to_label)
+        ids.append(ann.get("id"))
         if ann.get("iscrowd", 0):
             crowd += 1
             continue
         slots.append(slot)
         labels.append(label)
         boxes.append(box)
+    if not all(map(_is_int, ids)) or len(set(ids)) != len(ids):
+        raise _annotation_id_error(ann_file, ids)
     return (
         np.asarray(slots, dtype=np.int64),
         np.asarray(labels, dtype=np.int64),
@@ -287,6 +318,25 @@ def _annotation_error(
         f"{where} has malformed bbox {box!r}; it must be [x, y, width, height] of 4 finite "
         "numbers"
     )
+
+
+def _annotation_id_error(ann_file: Path, ids: list[object]) -> CocoFormatError:
+    """pycocotools indexes annotations by id: a repeated one is silently overwritten, and
+    the file scores wrongly."""
+    seen: dict[object, int] = {}
+    for index, ann_id in enumerate(ids):
+        if not _is_int(ann_id):
+            return CocoFormatError(
+                f"{ann_file}: annotation {index} needs an integer 'id' (got {ann_id!r}); give "
+                "every annotation its own id (pycocotools indexes them by id)"
+            )
+        if ann_id in seen:
+            return CocoFormatError(
+                f"{ann_file}: annotation id {ann_id!r} appears twice (annotations {seen[ann_id]} "
+                f"and {index}); give each annotation its own id, or pycocotools scores wrongly"
+            )
+        seen[ann_id] = index
+    raise AssertionError("called without a missing or repeated id")
 
 
 def _apply_box_policy(

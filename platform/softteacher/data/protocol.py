@@ -14,9 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softteacher.config import SyntheticConfig
-from softteacher.data.coco import CocoDataset, check_same_categories, load_coco
+from softteacher.data.coco import (
+    CocoDataset,
+    CocoSummary,
+    check_same_categories,
+    coco_summary,
+    load_coco,
+)
 from softteacher.data.folds import write_folds
 from softteacher.data.synthetic import ensure_synthetic_coco
+
+# The official COCO 2017 layout, as a --coco-root must hold it.
+COCO_TRAIN_IMAGES = "train2017"
+COCO_VAL_IMAGES = "val2017"
+COCO_TRAIN_ANN = "annotations/instances_train2017.json"
+COCO_VAL_ANN = "annotations/instances_val2017.json"
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -58,21 +70,43 @@ def synthetic_folds(
     )
 
 
+def check_coco_layout(coco_root: Path) -> None:
+    """Fail naming every part of the COCO 2017 layout that ``coco_root`` lacks."""
+    root = Path(coco_root)
+    if not root.is_dir():
+        raise DatasetLayoutError(
+            f"--coco-root {root}: no such folder; give the folder that holds {COCO_TRAIN_IMAGES}/"
+            f", {COCO_VAL_IMAGES}/ and annotations/ (the official COCO 2017 layout)"
+        )
+    missing = [f"{name}/" for name in (COCO_TRAIN_IMAGES, COCO_VAL_IMAGES)
+               if not (root / name).is_dir()]
+    missing += [name for name in (COCO_TRAIN_ANN, COCO_VAL_ANN) if not (root / name).is_file()]
+    if missing:
+        raise DatasetLayoutError(
+            f"--coco-root {root} lacks {', '.join(missing)}; it must hold the official COCO "
+            f"2017 layout ({COCO_TRAIN_IMAGES}/, {COCO_VAL_IMAGES}/, {COCO_TRAIN_ANN}, "
+            f"{COCO_VAL_ANN})"
+        )
+
+
+def coco_root_summary(coco_root: Path) -> CocoSummary:
+    """The train file's image count and categories, checked to be the val file's: the
+    detector's class count comes from it (a mismatch would score every class wrongly)."""
+    check_coco_layout(coco_root)
+    train = coco_summary(Path(coco_root) / COCO_TRAIN_ANN)
+    check_same_categories(train, coco_summary(Path(coco_root) / COCO_VAL_ANN))
+    return train
+
+
 def coco_folds(
     coco_root: Path, fold_dir: Path, percents: Iterable[float], folds: Iterable[int]
 ) -> list[FoldData]:
     """Folds of a real COCO 2017 layout, written under ``fold_dir``."""
     root = Path(coco_root)
-    train_ann = root / "annotations" / "instances_train2017.json"
-    val_ann = root / "annotations" / "instances_val2017.json"
-    for path in (train_ann, val_ann, root / "train2017", root / "val2017"):
-        if not path.exists():
-            raise DatasetLayoutError(
-                f"{path} not found; --coco-root must hold train2017/, val2017/ and "
-                "annotations/instances_{train,val}2017.json (the official COCO 2017 layout)"
-            )
+    check_coco_layout(root)
     return _folds_of(
-        train_ann, Path(fold_dir), percents, folds, val_ann, root / "train2017", root / "val2017"
+        root / COCO_TRAIN_ANN, Path(fold_dir), percents, folds, root / COCO_VAL_ANN,
+        root / COCO_TRAIN_IMAGES, root / COCO_VAL_IMAGES,
     )
 
 

@@ -33,7 +33,6 @@ import pyarrow.parquet as pq
 from softteacher.data.coco import CocoDataset
 from softteacher.data.images import CorruptImageError
 from softteacher.data.samples import ImageRecord
-from softteacher.data.streams import EmptyDatasetError
 
 # Bump whenever the schema or the row layout changes: old caches then miss instead of lying.
 LAYOUT_VERSION = 1
@@ -52,6 +51,10 @@ SHARD_SCHEMA = pa.schema(
         ("labels", pa.list_(pa.int64())),
     ]
 )
+
+
+class EmptyDatasetError(ValueError):
+    """A dataset without images: sharding or streaming it would never yield a row."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
 """Weak and strong views of one image, each with the 3x3 matrix that maps original pixels into it.
 
 Notes, "One training step" step 2: the teacher sees a weak view (random resize + horizontal
-flip), the student a strong one (the same resize + flip, then one colour op, one geometric
-op and cutout). Pseudo boxes travel between the two with ``T_student @ inv(T_teacher)``.
+flip), the student a strong one (its own random resize + flip, then one colour op, one
+geometric op and cutout). Both references run the two pipelines on separate copies of the
+image, so the two views draw their resize and flip independently
+(``AugmentConfig.shared_resize_flip`` shares one draw instead). Pseudo boxes travel between
+the two with ``T_student @ inv(T_teacher)``, whatever each view drew. Labeled images get
+resize + flip + one colour op, as in both references (``AugmentConfig.labeled_view``).
 
 Coordinates are continuous with pixel edges at integers, so ``[0, 0, W, H]`` is the whole
 image and a resize is exactly a scaling. Every geometric op returns ``(image, matrix)``;
@@ -280,11 +284,15 @@ def _random_resize_flip(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Ge
     return View(image=resized, matrix=matrix)
 
 
+def _random_colour(view: View, cfg: AugmentConfig, rng: np.random.Generator) -> View:
+    """One colour op at a random magnitude; pixels change, geometry (the matrix) does not."""
+    op, magnitude = _sample_colour_op(cfg, rng)
+    return View(image=_colour(view.image, op, magnitude), matrix=view.matrix)
+
+
 def _add_strong_ops(weak: View, cfg: AugmentConfig, rng: np.random.Generator) -> View:
     """Colour, geometric, then cutout on a weak view (fixed order: fill is never recoloured)."""
-    op, magnitude = _sample_colour_op(cfg, rng)
-    coloured = View(image=_colour(weak.image, op, magnitude), matrix=weak.matrix)
-    moved, _ = _random_geometric(coloured, cfg, rng)
+    moved, _ = _random_geometric(_random_colour(weak, cfg, rng), cfg, rng)
     return _random_cutout(moved, cfg, rng)
 
 
@@ -323,6 +331,11 @@ def weak_view(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -
     return _random_resize_flip(image, cfg, rng)
 
 
+def colour_view(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> View:
+    """weak_view's ops + one colour op: what both references give a labeled image."""
+    return _random_colour(_random_resize_flip(image, cfg, rng), cfg, rng)
+
+
 def strong_view(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> View:
     """weak_view's ops + one colour op + one geometric op + cutout."""
     return _add_strong_ops(_random_resize_flip(image, cfg, rng), cfg, rng)
@@ -331,25 +344,30 @@ def strong_view(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
 def weak_strong_views(
     image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
 ) -> tuple[View, View]:
-    """One random resize + flip shared by both (as the reference implementations do), then the
-    strong branch adds one colour op, one geometric op (translate/rotate/shear) and cutout.
+    """The teacher's weak and the student's strong view of one image.
 
-    The draws happen in the order of ``strong_view``, so a seed gives the same strong view here
-    as there, and the same weak view as ``weak_view``.
+    By default each view draws its own resize + flip, as both references do (they run the
+    weak and the strong pipeline on separate copies): the weak view is ``weak_view`` and the
+    strong one ``strong_view`` on the generator that follows. With
+    ``cfg.shared_resize_flip`` the strong view is the weak one plus its colour, geometric and
+    cutout ops, in ``strong_view``'s draw order.
     """
     weak = _random_resize_flip(image, cfg, rng)
-    return weak, _add_strong_ops(weak, cfg, rng)
+    if cfg.shared_resize_flip:
+        return weak, _add_strong_ops(weak, cfg, rng)
+    return weak, strong_view(image, cfg, rng)
+
+
+_LABELED_VIEWS = {"weak": weak_view, "colour": colour_view, "strong": strong_view}
 
 
 def labeled_sample(
     record: ImageRecord, image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
 ) -> LabeledSample:
-    """cfg.labeled_view ('weak' or 'strong') of a labeled image, its boxes mapped; boxes that end up
-    under 1 px wide/high are dropped with their labels."""
+    """cfg.labeled_view ('weak', 'colour' or 'strong') of a labeled image, its boxes mapped;
+    boxes that end up under 1 px wide/high are dropped with their labels."""
     _check_record_image(record, image)
-    view = (
-        weak_view(image, cfg, rng) if cfg.labeled_view == "weak" else strong_view(image, cfg, rng)
-    )
+    view = _LABELED_VIEWS[cfg.labeled_view](image, cfg, rng)
     height, width = view.image.shape[:2]
     boxes = map_boxes(record.boxes, view.matrix, width, height)
     keep = (boxes[:, 2] - boxes[:, 0] >= MIN_BOX_SIDE) & (boxes[:, 3] - boxes[:, 1] >= MIN_BOX_SIDE)

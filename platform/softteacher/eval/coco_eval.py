@@ -23,6 +23,9 @@ from softteacher.data.samples import ImageRecord
 from softteacher.eval.inference import Detections, detect
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+MODELS = ("teacher", "student")
+# What a run reports at the end: ``teacher/AP`` ... ``student/APl``.
+FINAL_METRICS = tuple(f"{model}/{name}" for model in MODELS for name in METRIC_NAMES)
 
 
 class DetectionMismatchError(ValueError):

@@ -26,7 +26,7 @@ from softteacher.config import AugmentConfig, ExperimentConfig
 from softteacher.data.collate import image_tensor
 from softteacher.data.transforms import resize_for_test
 from softteacher.model.detector import build_detector
-from softteacher.train.checkpoint import CHECKPOINT_FILE
+from softteacher.train.checkpoint import CHECKPOINT_FILE, read_checkpoint
 
 ModelChoice = Literal["teacher", "student"]
 SUMMARY_ARTIFACT = "summary.json"
@@ -138,7 +138,7 @@ def load_detector(
             "(the results folder may have moved: pass --checkpoint DIR)"
         )
     device = device or torch.device("cpu")
-    state = torch.load(file, map_location=device, weights_only=True)
+    state = read_checkpoint(file.parent, device)
     with warnings.catch_warnings():
         # r50-fpn warns about random init when it has no backbone file; the checkpoint fills it.
         warnings.simplefilter("ignore", UserWarning)

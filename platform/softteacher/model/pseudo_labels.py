@@ -34,21 +34,28 @@ class TeacherView:
 
 @dataclass
 class PseudoTargets:
-    """Pseudo boxes in the strong view: one target list per loss that uses them, and the
-    ``uncertain`` boxes (candidates at or below cls_thr) that those losses must not call
-    background (empty unless ``MethodConfig.ignore_uncertain``)."""
+    """Pseudo boxes in the strong view: one target list per loss that uses them, and for the
+    RPN and the classification loss the boxes they must not call background: candidates at
+    or below rpn_thr (``rpn_uncertain``) and cls_thr (``cls_uncertain``), both empty unless
+    ``MethodConfig.ignore_uncertain``."""
 
     rpn: list[dict[str, Tensor]]
     cls: list[dict[str, Tensor]]
     reg: list[dict[str, Tensor]]
-    uncertain: list[Tensor]
+    rpn_uncertain: list[Tensor]
+    cls_uncertain: list[Tensor]
 
     def counts_per_image(self) -> dict[str, float]:
         n = max(len(self.cls), 1)
-        return {
-            f"pseudo/{name}_per_image": sum(len(t["boxes"]) for t in targets) / n
-            for name, targets in (("rpn", self.rpn), ("cls", self.cls), ("reg", self.reg))
-        } | {"pseudo/uncertain_per_image": sum(len(b) for b in self.uncertain) / n}
+        targets = {
+            f"pseudo/{name}_per_image": sum(len(t["boxes"]) for t in boxes) / n
+            for name, boxes in (("rpn", self.rpn), ("cls", self.cls), ("reg", self.reg))
+        }
+        uncertain = {
+            f"pseudo/{name}_uncertain_per_image": sum(map(len, boxes)) / n
+            for name, boxes in (("rpn", self.rpn_uncertain), ("cls", self.cls_uncertain))
+        }
+        return targets | uncertain
 
 
 @torch.no_grad()
@@ -76,27 +83,36 @@ def teacher_view(teacher: FasterRCNN, weak: list[Tensor], cfg: MethodConfig) -> 
 @torch.no_grad()
 def jitter_variances(teacher: FasterRCNN, view: TeacherView, cfg: MethodConfig) -> list[Tensor]:
     """Eq. 7-9: refine ``n_jitter`` jittered copies of every candidate with the teacher's ROI
-    head (its own class's regression) and measure the spread of the refined boxes."""
+    head (its own class's regression) and measure the spread of the refined boxes, clipped
+    to the weak view they were refined in, under ``cfg.variance_norm``."""
     jittered = [jitter_boxes(b, cfg.n_jitter, cfg.jitter_scale) for b in view.boxes]
     flat = [j.reshape(-1, 4) for j in jittered]
     _, deltas = box_head_outputs(teacher, view.features, flat, view.image_sizes)
     variances = []
-    for boxes, labels, jit, image_deltas in zip(
-        view.boxes, view.labels, flat, deltas.split([len(f) for f in flat]), strict=True
+    for boxes, labels, jit, image_deltas, size in zip(
+        view.boxes,
+        view.labels,
+        flat,
+        deltas.split([len(f) for f in flat]),
+        view.image_sizes,
+        strict=True,
     ):
         if len(boxes) == 0:
             variances.append(boxes.new_zeros(0))
             continue
         refined = decode_class_boxes(teacher, image_deltas, jit, labels.repeat(cfg.n_jitter))
-        variances.append(box_jitter_variance(refined.reshape(cfg.n_jitter, -1, 4), boxes))
+        refined = refined.reshape(cfg.n_jitter, -1, 4)
+        variances.append(box_jitter_variance(refined, boxes, size, norm=cfg.variance_norm))
     return variances
 
 
 def pseudo_targets(view: TeacherView, batch: UnlabeledBatch, cfg: MethodConfig) -> PseudoTargets:
     """Candidates mapped into the strong views and split by use (notes, steps 4 and 6):
     ``rpn`` score > rpn_thr (class-agnostic), ``cls`` score > cls_thr, ``reg`` the candidates
-    whose jitter variance is below reg_thr (the cls boxes when the method has no jittering)."""
-    rpn, cls, reg, uncertain = [], [], [], []
+    whose jitter variance is below reg_thr (the cls boxes when the method has no jittering).
+    With ``ignore_uncertain`` the other candidates are each loss's uncertain boxes: the RPN's
+    by rpn_thr, the classification's by cls_thr."""
+    rpn, cls, reg, rpn_uncertain, cls_uncertain = [], [], [], [], []
     for i, (boxes, labels, scores, variances) in enumerate(
         zip(view.boxes, view.labels, view.scores, view.variances, strict=True)
     ):
@@ -112,12 +128,16 @@ def pseudo_targets(view: TeacherView, batch: UnlabeledBatch, cfg: MethodConfig) 
         cls.append(_target(mapped[cls_keep], labels[cls_keep]))
         reg_keep = visible & (variances < cfg.reg_thr)
         reg.append(_target(mapped[reg_keep], labels[reg_keep]))
-        uncertain_keep = visible & ~cls_keep if cfg.ignore_uncertain else torch.zeros_like(visible)
-        uncertain.append(mapped[uncertain_keep].reshape(-1, 4).float())
+        rpn_uncertain.append(_uncertain(mapped, visible & ~rpn_keep, cfg))
+        cls_uncertain.append(_uncertain(mapped, visible & ~cls_keep, cfg))
     # Without jittering the regression loss uses the classification boxes themselves; the
     # same object lets the student reuse one RoI sampling for both losses.
     return PseudoTargets(
-        rpn=rpn, cls=cls, reg=reg if cfg.uses_jitter else cls, uncertain=uncertain
+        rpn=rpn,
+        cls=cls,
+        reg=reg if cfg.uses_jitter else cls,
+        rpn_uncertain=rpn_uncertain,
+        cls_uncertain=cls_uncertain,
     )
 
 
@@ -137,3 +157,9 @@ def teacher_background_prob(
 
 def _target(boxes: Tensor, labels: Tensor) -> dict[str, Tensor]:
     return {"boxes": boxes.reshape(-1, 4).float(), "labels": labels.to(torch.int64)}
+
+
+def _uncertain(mapped: Tensor, below_thr: Tensor, cfg: MethodConfig) -> Tensor:
+    """The candidates below a loss's threshold, or none unless ``cfg.ignore_uncertain``."""
+    keep = below_thr if cfg.ignore_uncertain else torch.zeros_like(below_thr)
+    return mapped[keep].reshape(-1, 4).float()

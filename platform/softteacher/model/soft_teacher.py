@@ -123,7 +123,7 @@ class StudentLosses(nn.Module):
         )
         # A box that would be foreground were an uncertain box an object is not background.
         fg_iou = self.detector.roi_heads.proposal_matcher.high_threshold
-        uncertain_iou = torch.cat([_max_iou(b, u) for b, u in zip(boxes, pseudo.uncertain)])
+        uncertain_iou = torch.cat([_max_iou(b, u) for b, u in zip(boxes, pseudo.cls_uncertain)])
         return torch.where(uncertain_iou >= fg_iou, torch.zeros_like(reliability), reliability)
 
 
@@ -134,9 +134,10 @@ def rpn_ignoring_uncertain(
     pseudo: PseudoTargets,
 ) -> tuple[list[Tensor], dict[str, Tensor]]:
     """Torchvision's RPN forward on the ``rpn`` pseudo boxes, except that anchors it would
-    call background but that overlap an uncertain box as much as a non-negative anchor
-    overlaps its object are ignored (label -1) rather than taught "no object"."""
-    if not any(len(u) for u in pseudo.uncertain):
+    call background but that overlap an ``rpn_uncertain`` box (a candidate at or below
+    rpn_thr) as much as a non-negative anchor overlaps its object are ignored (label -1)
+    rather than taught "no object"."""
+    if not any(len(u) for u in pseudo.rpn_uncertain):
         return rpn(images, features, pseudo.rpn)
     levels = list(features.values())
     objectness, deltas = rpn.head(levels)
@@ -147,7 +148,7 @@ def rpn_ignoring_uncertain(
     boxes, _ = rpn.filter_proposals(decoded, objectness, images.image_sizes, per_level)
     labels, matched = rpn.assign_targets_to_anchors(anchors, pseudo.rpn)
     bg_iou = rpn.proposal_matcher.low_threshold
-    for image_labels, image_anchors, uncertain in zip(labels, anchors, pseudo.uncertain):
+    for image_labels, image_anchors, uncertain in zip(labels, anchors, pseudo.rpn_uncertain):
         near_uncertain = _max_iou(image_anchors, uncertain) >= bg_iou
         image_labels[(image_labels == 0.0) & near_uncertain] = -1.0
     targets = rpn.box_coder.encode(matched, anchors)

@@ -1,7 +1,9 @@
 """The end-of-sweep table: each setting's mean and sample std over its folds (STAC protocol).
 
 A setting is (labeled ratio, method, foreground threshold, variance threshold); its folds
-are the repeated labeled draws the paper averages over.
+are the repeated labeled draws the paper averages over. With several seeds a fold, the mean
+and std run over every (fold, seed) run, and ``seed_stds`` is the std over seeds alone
+(within a fold, averaged over folds): the run-to-run noise a difference must exceed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import statistics
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from softteacher.config import METHODS
@@ -43,6 +45,7 @@ class TrialResult:
     fg_thr: float
     var_thr: float
     metrics: dict[str, float]
+    seed: int | None = None  # None: the preset's
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class FoldSummary:
     means: dict[str, float]
     stds: dict[str, float]
     per_fold: dict[str, tuple[float | None, ...]]
+    n_runs: int = 0
+    seed_stds: dict[str, float] = field(default_factory=dict)
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -74,31 +79,45 @@ def summarize(
     The std is the sample std (ddof=1), 0.0 for a single fold. Missing or non-finite values
     are left out of the mean and std; a metric no fold has gets no mean and no std.
     """
-    groups: dict[tuple[float, str, float, float], dict[int, TrialResult]] = {}
+    groups: dict[tuple[float, str, float, float], dict[tuple, TrialResult]] = {}
     for result in results:
         key = (result.ratio, result.method, result.fg_thr, result.var_thr)
-        by_fold = groups.setdefault(key, {})
-        if result.fold in by_fold:
+        runs = groups.setdefault(key, {})
+        replicate = (result.fold, result.seed)
+        if replicate in runs:
+            seed = "" if result.seed is None else f" seed {result.seed}"
             raise DuplicateFoldError(
-                f"fold {result.fold} of setting ratio={result.ratio}% method={result.method} "
-                f"fg_thr={result.fg_thr} var_thr={result.var_thr} appears twice; "
-                "pass one result per trial (e.g. only FINISHED child runs)"
+                f"fold {result.fold}{seed} of setting ratio={result.ratio}% "
+                f"method={result.method} fg_thr={result.fg_thr} var_thr={result.var_thr} "
+                "appears twice; pass one result per trial (e.g. only FINISHED child runs)"
             )
-        by_fold[result.fold] = result
+        runs[replicate] = result
 
     summaries = []
-    for (ratio, method, fg_thr, var_thr), by_fold in sorted(groups.items(), key=_setting_order):
-        folds = tuple(sorted(by_fold))
-        means, stds, per_fold = {}, {}, {}
+    for (ratio, method, fg_thr, var_thr), runs in sorted(groups.items(), key=_setting_order):
+        folds = tuple(sorted({fold for fold, _ in runs}))
+        means, stds, per_fold, seed_stds = {}, {}, {}, {}
         for metric in metrics:
-            column = tuple(_finite_or_none(by_fold[f].metrics.get(metric)) for f in folds)
-            per_fold[metric] = column
-            present = [v for v in column if v is not None]
+            by_fold: dict[int, list[float]] = {fold: [] for fold in folds}
+            for (fold, _), result in runs.items():
+                value = _finite_or_none(result.metrics.get(metric))
+                if value is not None:
+                    by_fold[fold].append(value)
+            per_fold[metric] = tuple(
+                statistics.fmean(by_fold[f]) if by_fold[f] else None for f in folds
+            )
+            present = [v for values in by_fold.values() for v in values]
             if present:
                 means[metric] = statistics.fmean(present)
                 stds[metric] = statistics.stdev(present) if len(present) > 1 else 0.0
+            within = [statistics.stdev(v) for v in by_fold.values() if len(v) > 1]
+            if within:
+                seed_stds[metric] = statistics.fmean(within)
         summaries.append(
-            FoldSummary(ratio, method, fg_thr, var_thr, len(folds), folds, means, stds, per_fold)
+            FoldSummary(
+                ratio, method, fg_thr, var_thr, len(folds), folds, means, stds, per_fold,
+                n_runs=len(runs), seed_stds=seed_stds,
+            )
         )
     return summaries
 
@@ -202,7 +221,10 @@ def _metric_names(summaries: Sequence[FoldSummary]) -> list[str]:
 def _row_cells(s: FoldSummary) -> list[str]:
     cells = [f"{s.ratio:g}", s.method, f"{s.fg_thr:g}", f"{s.var_thr:g}", str(s.n_folds)]
     for metric in _metric_names([s]):
-        cells.append(f"{s.means[metric]:.2f} +- {s.stds[metric]:.2f}" if metric in s.means else "-")
+        cell = f"{s.means[metric]:.2f} +- {s.stds[metric]:.2f}" if metric in s.means else "-"
+        if metric in s.seed_stds:
+            cell += f" (seeds {s.seed_stds[metric]:.2f})"
+        cells.append(cell)
     return cells
 
 
@@ -212,9 +234,10 @@ def _aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
 
 def _csv_text(summaries: Sequence[FoldSummary]) -> str:
     metrics = _metric_names(summaries)
-    fields = ["ratio", "method", "fg_thr", "var_thr", "n_folds", "folds"]
+    fields = ["ratio", "method", "fg_thr", "var_thr", "n_folds", "folds", "n_runs"]
     for metric in metrics:
-        fields += [f"{_flat_name(metric)}_mean", f"{_flat_name(metric)}_std"]
+        name = _flat_name(metric)
+        fields += [f"{name}_mean", f"{name}_std", f"{name}_seed_std"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -226,10 +249,12 @@ def _csv_text(summaries: Sequence[FoldSummary]) -> str:
             "var_thr": s.var_thr,
             "n_folds": s.n_folds,
             "folds": " ".join(str(f) for f in s.folds),
+            "n_runs": s.n_runs,
         }
         for metric in metrics:
             row[f"{_flat_name(metric)}_mean"] = s.means.get(metric, "")
             row[f"{_flat_name(metric)}_std"] = s.stds.get(metric, "")
+            row[f"{_flat_name(metric)}_seed_std"] = s.seed_stds.get(metric, "")
         writer.writerow(row)
     return buffer.getvalue()
 
@@ -245,6 +270,8 @@ def _as_record(s: FoldSummary) -> dict:
         "folds": list(s.folds),
         "means": {m: s.means.get(m) for m in s.metric_names},
         "stds": {m: s.stds.get(m) for m in s.metric_names},
+        "seed_stds": {m: s.seed_stds.get(m) for m in s.metric_names},
+        "n_runs": s.n_runs,
         "per_fold": {m: list(values) for m, values in s.per_fold.items()},
     }
 

@@ -1,24 +1,18 @@
 """The single-process runner: one fold, one process, no Ray. Tests and benchmarks use it;
-the Ray Train worker runs the same trainer and loop on Ray Data batches."""
+the Ray Train worker runs the same trainer, loop and row code on Ray Data actors."""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from softteacher.config import ExperimentConfig
-from softteacher.data.collate import (
-    DetectionBatch,
-    UnlabeledBatch,
-    collate_labeled,
-    collate_unlabeled,
-)
 from softteacher.data.protocol import FoldData
-from softteacher.data.samples import LabeledSample, UnlabeledSample
-from softteacher.data.streams import labeled_stream, unlabeled_stream
+from softteacher.data.rows import StreamPlan
+from softteacher.data.shards import ShardSet, write_shards
+from softteacher.data.steps import LocalRowStream, StepBatches, start_positions
 from softteacher.eval.models import evaluate_run
 from softteacher.train.checkpoint import restore_start, save_checkpoint
 from softteacher.train.loop import LoopHooks, Metrics, fit
@@ -30,61 +24,61 @@ def print_metrics(step: int, metrics: Metrics) -> None:
     print(f"step {step}: {shown}", flush=True)
 
 
-class LocalSteps:
-    """In-process step data: lazy augmented streams, so unused views are never made."""
+def local_step_batches(
+    cfg: ExperimentConfig,
+    labeled: ShardSet,
+    unlabeled: ShardSet | None,
+    device: torch.device | str,
+    position: dict[str, int] | None = None,
+) -> StepBatches:
+    """In-process streams over the shards, from ``position`` (a checkpoint's), with the
+    plans a single Ray Train worker would use: the two paths yield the same rows."""
+    starts = start_positions(position)
 
-    def __init__(
-        self,
-        labeled: Iterator[LabeledSample],
-        unlabeled: Iterator[UnlabeledSample],
-        unlabeled_per_step: int,
-        device: torch.device,
-    ) -> None:
-        self._labeled = labeled
-        self._unlabeled = unlabeled
-        self._unlabeled_per_step = unlabeled_per_step
-        self._device = device
+    def stream(kind: str, shards: ShardSet) -> LocalRowStream:
+        plan = StreamPlan(kind, shards.num_rows, cfg.train.seed)
+        return LocalRowStream(shards, plan, cfg.augment, start=starts[kind])
 
-    def labeled(self, images: int) -> DetectionBatch:
-        return collate_labeled(list(itertools.islice(self._labeled, images)), self._device)
-
-    def unlabeled(self) -> UnlabeledBatch:
-        samples = list(itertools.islice(self._unlabeled, self._unlabeled_per_step))
-        return collate_unlabeled(samples, self._device)
+    return StepBatches(
+        stream("labeled", labeled),
+        stream("unlabeled", unlabeled) if unlabeled is not None else None,
+        device,
+    )
 
 
 def run_single_process(
     cfg: ExperimentConfig,
     fold: FoldData,
     *,
+    shard_dir: Path,
     checkpoint_dir: Path | None = None,
     log: Callable[[int, Metrics], None] = print_metrics,
     device: torch.device | None = None,
 ) -> Metrics:
     """Train one fold to ``max_steps`` (resuming from ``checkpoint_dir`` when it holds one);
-    returns the final teacher and student COCO metrics."""
+    returns the final teacher and student COCO metrics. ``shard_dir`` caches the fold's
+    Parquet shards (by content, shared with the Ray path)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     labeled, unlabeled, val = fold.load()
     trainer = SoftTeacherTrainer(cfg, device)
-    restore_start(trainer, checkpoint_dir)
-    # The data position is the step: a resumed run draws a fresh, reproducible order.
-    seed = cfg.train.seed * 1_000_003 + trainer.step_count
-    source = LocalSteps(
-        labeled_stream(labeled, cfg.augment, seed),
-        unlabeled_stream(unlabeled, cfg.augment, seed + 1),
-        cfg.train.unlabeled_per_step,
+    start = restore_start(trainer, checkpoint_dir)
+    batches = local_step_batches(
+        cfg,
+        write_shards(labeled, shard_dir),
+        write_shards(unlabeled, shard_dir) if cfg.method.uses_unlabeled else None,
         device,
+        start.get("data_position"),
     )
 
     def checkpoint(trainer: SoftTeacherTrainer, metrics: Metrics) -> None:
         if checkpoint_dir is not None:
-            save_checkpoint(trainer, checkpoint_dir, {"metrics": metrics})
+            save_checkpoint(trainer, checkpoint_dir, {"data_position": batches.position()})
 
     hooks = LoopHooks(
         log=log,
         evaluate=lambda t: evaluate_run(t, val, unlabeled, cfg).metrics,
         checkpoint=checkpoint,
     )
-    return fit(trainer, source, hooks)
+    return fit(trainer, batches, hooks)

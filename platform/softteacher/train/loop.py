@@ -28,7 +28,7 @@ class StepSource(Protocol):
 
     def labeled(self, images: int) -> DetectionBatch: ...
 
-    def unlabeled(self) -> UnlabeledBatch: ...
+    def unlabeled(self, images: int) -> UnlabeledBatch: ...
 
 
 def fit(trainer: SoftTeacherTrainer, source: StepSource, hooks: LoopHooks) -> Metrics:
@@ -47,7 +47,7 @@ def fit(trainer: SoftTeacherTrainer, source: StepSource, hooks: LoopHooks) -> Me
     while trainer.step_count < cfg.max_steps:
         n_labeled, n_unlabeled = trainer.cfg.step_batch_sizes(trainer.step_count)
         labeled = source.labeled(n_labeled)
-        unlabeled = source.unlabeled() if n_unlabeled else None
+        unlabeled = source.unlabeled(n_unlabeled) if n_unlabeled else None
         for key, value in trainer.step(labeled, unlabeled).items():
             window[key].append(value)
         window_images += len(labeled.images) + (len(unlabeled.weak) if unlabeled else 0)

@@ -5,6 +5,7 @@ Free of Ray: the Ray Train worker and the single-process runner call the same ``
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable
 from functools import partial
@@ -36,12 +37,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one step on one worker: the RPN and RoI samplers and the box
+    jitter draw from it, so a step's randomness depends on the step, not on what ran before
+    (a resumed run draws what the uninterrupted run drew)."""
+    digest = hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 class SoftTeacherTrainer:
     """Holds the state of one run; ``step`` is one iteration of the student / EMA-teacher loop.
 
     ``wrap_student`` lets the caller wrap the student's loss module (Ray Train's
     ``prepare_model`` for DDP); the teacher stays a local, unwrapped copy on every worker,
-    updated from the synchronised student.
+    updated from the synchronised student. ``rank`` (the worker's) seeds its steps.
     """
 
     def __init__(
@@ -49,10 +58,12 @@ class SoftTeacherTrainer:
         cfg: ExperimentConfig,
         device: torch.device,
         wrap_student: Callable[[nn.Module], nn.Module] = lambda module: module,
+        rank: int = 0,
     ) -> None:
         seed_everything(cfg.train.seed)
         self.cfg = cfg
         self.device = device
+        self.rank = rank
         self.student = build_detector(cfg.detector).to(device)
         self.teacher = make_teacher(self.student)
         self.losses = wrap_student(StudentLosses(self.student, cfg.method))
@@ -73,6 +84,7 @@ class SoftTeacherTrainer:
     def step(self, labeled: DetectionBatch, unlabeled: UnlabeledBatch | None) -> dict[str, float]:
         """One student update and one teacher update; returns the figures worth logging."""
         step = self.step_count
+        torch.manual_seed(step_seed(self.cfg.train.seed, self.rank, step))
         alpha = self.unsup_weight(step)
         self.student.train()
         metrics: dict[str, float] = {}
@@ -120,7 +132,6 @@ class SoftTeacherTrainer:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step_count,
             "config": self.cfg.to_dict(),
-            "torch_rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -129,4 +140,3 @@ class SoftTeacherTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])

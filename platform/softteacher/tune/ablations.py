@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from softteacher.config import INDICATORS, METHODS, MethodConfig, preset
+from softteacher.config import INDICATORS, METHODS, ExperimentConfig, MethodConfig
+from softteacher.run.spec import WorkerResources
 from softteacher.track.mlflow_runs import (
     default_tracking_uri,
     finish_run,
@@ -30,8 +31,7 @@ from softteacher.track.mlflow_runs import (
     resume_parent_run,
 )
 from softteacher.track.tables import write_atomically
-from softteacher.train.checkpoint import checkpoint_step
-from softteacher.train.ray_worker import WorkerResources
+from softteacher.train.checkpoint import CheckpointError, checkpoint_step
 from softteacher.tune.sweep import PROJECT_ROOT, FinishedTrial, SweepSettings, TrialSpec, run_sweep
 
 EXPERIMENT_NAME = "ablations"
@@ -213,6 +213,7 @@ class AblationSettings:
     coco_root: str | None = None
     resources: WorkerResources = field(default_factory=WorkerResources)
     max_steps: int | None = None
+    overrides: tuple[str, ...] = ()  # ``--set section.field=value``, as the fold sweep's
     shared_burn_in: bool = False  # the semi-supervised rows branch off one supervised burn-in
     # an existing end-of-burn-in checkpoint of this preset, ratio and fold: every row but
     # multi-stage (whose first stage is a whole supervised run) branches off it
@@ -225,6 +226,12 @@ class AblationSettings:
                 "one; choose one"
             )
 
+    def base_config(self) -> ExperimentConfig:
+        """The trials' config before a row changes it, built as their sweep builds it."""
+        return SweepSettings(
+            preset=self.preset, max_steps=self.max_steps, overrides=self.overrides
+        ).base_config()
+
     def _name_parts(self, table: AblationTable) -> list[str]:
         """What tells this request's trials apart from another's, in name-sized pieces."""
         parts = [EXPERIMENT_NAME, table.key, self.preset, f"r{self.ratio:g}", f"f{self.fold}"]
@@ -232,6 +239,9 @@ class AblationSettings:
             parts.append("coco")
         if self.max_steps is not None:
             parts.append(f"steps{self.max_steps}")
+        if self.overrides:
+            digest = hashlib.sha256("\n".join(self.overrides).encode()).hexdigest()[:8]
+            parts.append(f"set-{digest}")
         if self.shared_burn_in:
             parts.append("shared")
         if self.branch_from:
@@ -265,13 +275,14 @@ class AblationSettings:
             data_dir=self.data_dir,
             resources=self.resources,
             max_steps=self.max_steps,
+            overrides=self.overrides,
             shared_burn_in=self.shared_burn_in,
             experiment_name=EXPERIMENT_NAME,
             sweep_name=self.sweep_name(table, partial=partial),
         )
 
     def specs(self, table: AblationTable) -> list[TrialSpec]:
-        defaults = preset(self.preset).method
+        defaults = self.base_config().method
         specs = [row.spec(self.ratio, self.fold, defaults) for row in table.rows]
         if not self.branch_from:
             return specs
@@ -284,10 +295,10 @@ class AblationSettings:
         """A branch point must be a checkpoint saved at the end of this preset's burn-in."""
         if not self.branch_from:
             return
-        burn_in = preset(self.preset).method.burn_in_steps
+        burn_in = self.base_config().method.burn_in_steps
         try:
             step = checkpoint_step(Path(self.branch_from))
-        except FileNotFoundError as error:
+        except (FileNotFoundError, CheckpointError) as error:
             raise AblationError(f"--branch-from: {error}") from None
         if step != burn_in:
             raise AblationError(
@@ -356,7 +367,7 @@ def run_ablation_table(settings: AblationSettings, table: AblationTable) -> Abla
     sweep = settings.sweep_settings(table, partial=partial)
     specs = settings.specs(table)
     started = time.monotonic()
-    finished = run_sweep(sweep, specs)
+    finished = run_sweep(sweep, specs).finished
     wall_s = time.monotonic() - started
     rows = collect_rows(table, specs, finished)
     print(format_ablation_table(table, rows, settings, wall_s))

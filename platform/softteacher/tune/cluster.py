@@ -7,7 +7,7 @@ import os
 import ray
 import torch
 
-from softteacher.train.ray_worker import WorkerResources
+from softteacher.run.spec import WorkerResources
 
 DASHBOARD_HOST = "127.0.0.1"
 DASHBOARD_PORT = 8265

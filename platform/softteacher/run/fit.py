@@ -1,0 +1,47 @@
+"""``run(spec)``: one ``TorchTrainer`` fit of a ``RunSpec``, and what it left behind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray.train
+from ray.train import FailureConfig, RunConfig
+from ray.train.torch import TorchTrainer
+
+from softteacher.eval.coco_eval import FINAL_METRICS
+from softteacher.run.spec import RunSpec
+from softteacher.run.worker import train_loop_per_worker
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run's final teacher and student metrics and its last checkpoint folder."""
+
+    metrics: dict[str, float]
+    checkpoint: ray.train.Checkpoint | None
+
+    @classmethod
+    def of(cls, result: ray.train.Result) -> RunResult:
+        logged = result.metrics or {}
+        metrics = {k: float(v) for k, v in logged.items() if k in FINAL_METRICS}
+        return cls(metrics, result.checkpoint)
+
+
+def build_torch_trainer(spec: RunSpec, callbacks: list | None = None) -> TorchTrainer:
+    """A ``TorchTrainer`` for one run; its workers stream their own rows (run/worker.py)."""
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=spec.resources.scaling_config(),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=spec.storage_path,
+            failure_config=FailureConfig(max_failures=spec.resources.max_failures),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def run(spec: RunSpec, callbacks: list | None = None) -> RunResult:
+    """Train, evaluate and checkpoint one run (resuming it when ``spec.name`` ran before)."""
+    return RunResult.of(build_torch_trainer(spec, callbacks).fit())

@@ -1,0 +1,156 @@
+"""The Ray Train side of a run: ``train_loop_per_worker``.
+
+Ray stays at the edges: the worker builds its data streams from the spec's shards at its
+checkpoint's data position, and metrics and checkpoints go out through ``ray.train.report``;
+the step and the loop are the ones the single-process runner uses.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint
+
+from softteacher.config import ExperimentConfig
+from softteacher.data.coco import CocoDataset, load_coco
+from softteacher.data.ray_stream import RayRowStream
+from softteacher.data.rows import StreamPlan
+from softteacher.data.steps import StepBatches, start_positions
+from softteacher.eval.models import RunEvaluation, evaluate_run
+from softteacher.eval.overlays import overlay_artifacts
+from softteacher.run.spec import RunSpec
+from softteacher.track.mlflow_runs import (
+    RunRef,
+    log_file_artifact,
+    log_json_artifact,
+    log_metrics,
+    set_tags,
+)
+from softteacher.train.checkpoint import restore_start, save_checkpoint
+from softteacher.train.loop import LoopHooks, Metrics, fit
+from softteacher.train.progress_metrics import ProgressGauges
+from softteacher.train.trainer import SoftTeacherTrainer
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One worker of a run: resume from Ray's latest checkpoint, stream this worker's rows
+    of the labeled and unlabeled data, train, evaluate on rank 0, report."""
+    spec: RunSpec = config["spec"]
+    cfg = spec.config
+    torch.set_num_threads(spec.resources.threads_per_worker)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    is_rank_zero = rank == 0
+    device = ray.train.torch.get_device()
+    if spec.tracking is not None:  # where each worker ran, for the user and the tests
+        node = ray.get_runtime_context().get_node_id()
+        set_tags(spec.tracking, {f"worker/{rank}/node_id": node})
+
+    wrap = _prepare_ddp if world_size > 1 else (lambda module: module)
+    trainer = SoftTeacherTrainer(cfg, device, wrap_student=wrap, rank=rank)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = restore_start(trainer, Path(directory))
+    else:
+        start = restore_start(trainer, None)
+    position = start.get("data_position", {})
+    batches = ray_step_batches(spec, rank, world_size, position, trainer.step_count, device)
+    val, unlabeled = _eval_sets(spec) if is_rank_zero else (None, None)
+    latest_eval: Metrics = {}
+    latest_speed: Metrics = {}
+
+    gauges = ProgressGauges(context.get_experiment_name()) if is_rank_zero else None
+
+    def log(step: int, metrics: Metrics) -> None:
+        if is_rank_zero and spec.tracking is not None:
+            log_metrics(spec.tracking, metrics, step)
+        if gauges is not None:
+            gauges.update(step, metrics)
+        if "images_per_s" in metrics:
+            latest_speed["images_per_s"] = metrics["images_per_s"]
+        # Every worker reports at the same steps: a report is a barrier in Ray Train.
+        ray.train.report({"step": step, **latest_speed, **metrics, **latest_eval})
+
+    def evaluate(trainer: SoftTeacherTrainer) -> Metrics:
+        if val is None:
+            return {}
+        evaluation = evaluate_run(trainer, val, unlabeled, cfg)
+        latest_eval.update(evaluation.metrics)
+        latest_eval["eval_step"] = trainer.step_count
+        if trainer.step_count == cfg.train.max_steps and spec.tracking is not None:
+            log_final_artifacts(spec.tracking, trainer, val, evaluation, cfg)
+        return dict(latest_eval)
+
+    def save(trainer: SoftTeacherTrainer, metrics: Metrics) -> None:
+        step = trainer.step_count
+        report = {"step": step, **latest_speed, **latest_eval, "checkpoint_step": step}
+        if not is_rank_zero:
+            ray.train.report(report)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(trainer, Path(directory), {"data_position": batches.position()})
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(directory))
+
+    fit(trainer, batches, LoopHooks(log=log, evaluate=evaluate, checkpoint=save))
+
+
+def ray_step_batches(
+    spec: RunSpec,
+    rank: int,
+    world_size: int,
+    position: dict[str, int],
+    step: int,
+    device: torch.device | str,
+) -> StepBatches:
+    """This worker's streams from ``position`` (a checkpoint's data position), bounded by
+    the rows the steps from ``step`` to the end take."""
+    cfg = spec.config
+    starts = start_positions(position)
+    needed = dict(zip(("labeled", "unlabeled"), cfg.rows_needed(step), strict=True))
+
+    def stream(kind: str) -> RayRowStream:
+        shards = spec.labeled if kind == "labeled" else spec.unlabeled
+        plan = StreamPlan(kind, shards.num_rows, cfg.train.seed, rank, world_size)
+        start = starts[kind]
+        return RayRowStream(shards, plan, cfg.augment, start=start, stop=start + needed[kind])
+
+    uses_unlabeled = spec.unlabeled is not None and needed["unlabeled"] > 0
+    return StepBatches(stream("labeled"), stream("unlabeled") if uses_unlabeled else None, device)
+
+
+def _eval_sets(spec: RunSpec) -> tuple[CocoDataset, CocoDataset | None]:
+    """Val, and the unlabeled fold with its hidden labels (for pseudo-label quality)."""
+    fold = spec.fold
+    val = load_coco(fold.val_ann, fold.val_images)
+    unlabeled = None
+    if spec.config.method.uses_unlabeled:
+        unlabeled = load_coco(fold.unlabeled_ann, fold.train_images)
+    return val, unlabeled
+
+
+def log_final_artifacts(
+    run: RunRef,
+    trainer: SoftTeacherTrainer,
+    val: CocoDataset,
+    evaluation: RunEvaluation,
+    cfg: ExperimentConfig,
+) -> None:
+    """The last evaluation's pseudo-box samples (Fig. 3b/3c) and a few val images with the
+    teacher's detections drawn on them (Fig. 4)."""
+    if evaluation.box_samples:
+        log_json_artifact(run, "pseudo_quality_boxes.json", {"boxes": evaluation.box_samples})
+    with tempfile.TemporaryDirectory() as directory:
+        for path in overlay_artifacts(trainer.teacher, val, cfg.augment, Path(directory), n=4):
+            log_file_artifact(run, path, artifact_path="overlays")
+
+
+def _prepare_ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """DDP through Ray; unused parameters happen (a step with no pseudo boxes of a kind)."""
+    return ray.train.torch.prepare_model(
+        module, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
