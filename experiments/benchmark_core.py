@@ -17,8 +17,8 @@ import torch
 from softteacher.config import ExperimentConfig, preset
 from softteacher.data.protocol import synthetic_folds
 from softteacher.data.shards import write_shards
+from softteacher.run.local import local_step_batches, run_single_process
 from softteacher.train.checkpoint import load_weights
-from softteacher.train.local import local_step_batches, run_single_process
 from softteacher.train.trainer import SoftTeacherTrainer
 
 RESULTS = Path(__file__).resolve().parent / "results"

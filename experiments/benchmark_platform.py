@@ -21,9 +21,9 @@ from softteacher.config import ExperimentConfig, preset
 from softteacher.data.protocol import synthetic_folds
 from softteacher.data.shards import write_shards
 from softteacher.run.fit import run
+from softteacher.run.local import run_single_process
 from softteacher.run.spec import RunSpec, WorkerResources
 from softteacher.track.mlflow_runs import start_parent_run
-from softteacher.train.local import run_single_process
 from softteacher.tune.cluster import start_or_join
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -7,10 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from softteacher.config import preset
 from softteacher.data.coco import load_coco
 from softteacher.data.protocol import synthetic_folds
+from softteacher.run.spec import WorkerResources
 from softteacher.track.tables import summarize
 from softteacher.train.checkpoint import save_checkpoint
 from softteacher.train.trainer import SoftTeacherTrainer
@@ -31,12 +28,11 @@ from softteacher.tune.ablations import (
     collect_rows,
     format_ablation_markdown,
     format_ablation_table,
+    run_ablation_table,
     select_tables,
     write_ablation_table,
 )
 from softteacher.tune.sweep import FinishedTrial
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tables_hold_the_papers_rows_and_figures():
@@ -196,25 +192,22 @@ def test_sweep_table_keeps_indicator_and_jitter_rows_apart():
                       "soft_teacher_jitter+nj15"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.ray
-def test_ablation_command_runs_a_multi_stage_row_end_to_end(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+def test_a_multi_stage_row_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
+    """Both stages and the labeling pass on the loopback cluster, the table files, and
+    the MLflow runs (the fold sweep's test covers the command line itself)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     results, data = tmp_path / "results", tmp_path / "data"
-    command = [
-        sys.executable, str(ROOT / "experiments" / "ablations.py"),
-        "--preset", "smoke", "--only", "table6", "--rows", "multi_stage", "--max-steps", "4",
-        "--results-dir", str(results), "--data-dir", str(data),
-        "--num-cpus", "4", "--dashboard-port", str(_free_port()),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "[done]" in done.stdout and "Multi-Stage" in done.stdout
+    settings = AblationSettings(
+        preset="smoke",
+        results_dir=str(results),
+        data_dir=str(data),
+        resources=WorkerResources(num_workers=1, cpus_per_worker=1),
+        max_steps=4,
+    )
+    (table,) = select_tables("table6", "multi_stage")
+    result = run_ablation_table(settings, table)
+    assert result.complete
 
     stem = "ablations_table6_smoke_r10_f1_steps4_multi_stage"
     with (results / f"{stem}.csv").open() as handle:

@@ -132,6 +132,8 @@ def store(tmp_path_factory) -> Store:
         for fold, teacher_ap in zip(FOLDS, values, strict=True):
             child = _add_trial(sweep, method, ratio, fold, teacher_ap)
             children[f"r{ratio:g}-f{fold}-{method}-fg0.9-var0.02"] = child.run_id
+    failed = _add_trial(sweep, "supervised", 10.0, 9, 99.0)  # a crashed trial: never counted
+    finish_run(failed, "FAILED")
     log_file_artifact(RunRef(uri, children[SCATTER_RUN], sweep.experiment_id), _write_boxes(folder))
     ablations = start_parent_run(uri, "ablations", "table6", {"preset": "smoke"})
     _add_trial(ablations, "soft_teacher", 10.0, 1, 28.0)

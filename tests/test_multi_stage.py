@@ -12,13 +12,13 @@ import torch
 from softteacher.config import MethodConfig, preset
 from softteacher.data.coco import load_coco
 from softteacher.data.protocol import synthetic_folds
-from softteacher.train.checkpoint import save_checkpoint
-from softteacher.train.local import run_single_process
-from softteacher.train.multi_stage import (
+from softteacher.run.local import run_single_process
+from softteacher.run.offline_labels import (
     PseudoLabelError,
     pseudo_label_offline,
     teacher_from_checkpoint,
 )
+from softteacher.train.checkpoint import save_checkpoint
 from softteacher.train.trainer import SoftTeacherTrainer
 
 UNLABELED_IMAGES = 12  # of the fold's 54: labeling speed on 2 busy cores is the test's cost

@@ -90,6 +90,8 @@ def test_parent_and_children_hold_params_step_and_final_metrics(uri, experiment)
     finish_run(parent)
 
     client = MlflowClient(uri)
+    kind = client.get_experiment(parent.experiment_id).tags.get("mlflow.experimentKind")
+    assert kind == "custom_model_development"  # the UI opens on the runs table
     children = {run.info.run_name: run for run in _children(uri, parent)}
     assert sorted(children) == ["trial-f1", "trial-f2"]
     second = children["trial-f2"]

@@ -21,6 +21,8 @@ images/s against ~10 for the slim detector).
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -34,6 +36,9 @@ from softteacher.data.shards import ShardSet
 DATA_ACTOR_CPUS = 0.25
 WINDOW_ROWS = 8192
 SEGMENT_ROWS = 16
+# Blocks of ``SEGMENT_ROWS`` rows a stream holds ready ahead of the trainer.
+PREFETCH_BLOCKS = 4
+_END = object()
 
 
 class AugmentActor:
@@ -53,7 +58,9 @@ class RayRowStream:
     """A ``RowStream`` whose rows Ray Data actors make: positions ``[start, stop)``.
 
     ``stop`` bounds the work (the rows the run still needs), so no actor augments rows that
-    nobody will take.
+    nobody will take. A background thread starts the stream at construction and keeps
+    ``PREFETCH_BLOCKS`` blocks ready: the actors start while the model is built, and the
+    unlabeled stream is warm when burn-in ends instead of starting then.
     """
 
     def __init__(
@@ -80,19 +87,22 @@ class RayRowStream:
         self._window = window_rows
         self._segment = segment_rows
         self._pending: pa.Table | None = None
-        self._blocks: Iterator[pa.Table] = self._windows(start)
+        self._ready: queue.Queue = queue.Queue(maxsize=PREFETCH_BLOCKS)
+        threading.Thread(target=self._prefetch, args=(start,), daemon=True).start()
 
     def take(self, n: int) -> pa.Table:
         parts, have = [], 0
         while have < n:
             if self._pending is None:
-                try:
-                    self._pending = next(self._blocks)
-                except StopIteration:
+                block = self._ready.get()
+                if isinstance(block, BaseException):
+                    raise block
+                if block is _END:
                     raise RuntimeError(
                         f"the {self._args[1].stream} stream ended at row {self.position + have}"
                         f" (stop={self._stop}): the run asked for more rows than it planned"
-                    ) from None
+                    )
+                self._pending = block
             part = self._pending.slice(0, n - have)
             rest = self._pending.num_rows - part.num_rows
             self._pending = self._pending.slice(part.num_rows) if rest else None
@@ -100,6 +110,14 @@ class RayRowStream:
             have += part.num_rows
         self.position += n
         return pa.concat_tables(parts)
+
+    def _prefetch(self, start: int) -> None:
+        try:
+            for block in self._windows(start):
+                self._ready.put(block)
+            self._ready.put(_END)
+        except BaseException as error:  # handed to the trainer's thread by take()
+            self._ready.put(error)
 
     def _windows(self, start: int) -> Iterator[pa.Table]:
         for window_start in range(start, self._stop, self._window):

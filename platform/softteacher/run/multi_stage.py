@@ -1,7 +1,7 @@
 """Paper Table 5's multi-stage baseline (STAC-like) as a run of its own kind.
 
 A supervised run on the labeled fold; its teacher pseudo-labels the unlabeled set once,
-offline, keeping boxes with score > ``fg_thr`` (``train/multi_stage.py``); a second
+offline, keeping boxes with score > ``fg_thr`` (``run/offline_labels.py``); a second
 supervised run on labeled + pseudo-labeled images, whose metrics are the trial's.
 
 Each supervised run trains for the preset's ``max_steps``: the paper does not say how long
@@ -26,9 +26,9 @@ from softteacher.data.coco import load_coco
 from softteacher.data.protocol import FoldData
 from softteacher.data.shards import write_shards
 from softteacher.run.fit import RunResult, run
+from softteacher.run.offline_labels import PseudoLabelReport, label_fold_from_checkpoint
 from softteacher.run.spec import RunSpec
 from softteacher.track.mlflow_runs import log_metrics
-from softteacher.train.multi_stage import PseudoLabelReport, label_fold_from_checkpoint
 
 
 def run_multi_stage(

@@ -59,6 +59,9 @@ def std_column(metric: str) -> str:
     return f"{metric} std"
 
 
+ENDED_UNFINISHED = ("FAILED", "KILLED")
+
+
 def count_column(metric: str) -> str:
     """How many runs of the group have a finite value of ``metric``."""
     return f"{metric} n"
@@ -71,7 +74,8 @@ def load_runs(
 
     Only child runs (the trials) when there are any: a sweep's parent run holds the tables,
     not a trial's result, and would count as one more "fold". ``parent_run_id`` keeps the
-    children of that one sweep.
+    children of that one sweep. FAILED and KILLED runs never count: their metrics are a
+    trial's last words, not its result.
     """
     if not experiments:
         raise CompareError("no experiment given; pass --experiment NAME[,NAME...]")
@@ -83,6 +87,8 @@ def load_runs(
         filter_string = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
     with _tracking_uri(tracking_uri):
         runs = mlflow.search_runs(experiment_names=list(experiments), filter_string=filter_string)
+    if "status" in runs.columns:
+        runs = runs[~runs["status"].isin(ENDED_UNFINISHED)]
     if parent_run_id is None and PARENT_COLUMN in runs.columns:
         children = runs[runs[PARENT_COLUMN].notna()]
         if not children.empty:

@@ -29,6 +29,10 @@ from mlflow.tracking import MlflowClient
 _logger = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's experiment kind: without it the UI opens a new experiment on the GenAI
+# "Overview" page (traces, latency) instead of the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 # MLflow's limits (mlflow/utils/validation.py); a longer value or a larger batch is refused.
 MAX_PARAM_VALUE_CHARS = 6000
 MAX_KEY_CHARS = 250
@@ -283,7 +287,10 @@ def _experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
     if found is None:
         try:
             return _with_lock_retry(
-                client.create_experiment, name, artifact_location=_artifact_location(tracking_uri)
+                client.create_experiment,
+                name,
+                artifact_location=_artifact_location(tracking_uri),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
             )
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":

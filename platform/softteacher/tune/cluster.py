@@ -70,11 +70,13 @@ def default_preset_and_resources(
     max_failures: int = 2,
 ) -> tuple[str, WorkerResources]:
     """What fold_sweep.py picks when the command line leaves it open: with a GPU the paper
-    preset and one GPU (and one CPU) a worker; without, the cpu preset and every core."""
+    preset and one GPU (and one CPU) a worker; without, the cpu preset and one core a
+    worker, so that a 2-core machine trains two trials at once (measured: two 1-thread
+    trainings give 1.36x the images/s of one 2-thread training at the cpu preset's size)."""
     gpu = torch.cuda.is_available()
     name = preset_name or ("paper" if gpu else "cpu")
     gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if gpu else 0.0)
-    cpus = cpus_per_worker or (1.0 if gpu else float(os.cpu_count() or 1))
+    cpus = cpus_per_worker or 1.0
     return name, WorkerResources(
         num_workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus, max_failures=max_failures
     )

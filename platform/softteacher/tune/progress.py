@@ -1,4 +1,5 @@
-"""One line a trial event on the sweep's terminal, instead of Tune's periodic tables."""
+"""One line a trial event on the sweep's terminal, instead of Tune's periodic tables, and
+after each finished trial where the whole sweep stands: trials done, elapsed time, ETA."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ from ray.tune import Callback
 
 
 class TrialEventPrinter(Callback):
-    """Prints a trial's start, each new evaluation, its end or its error."""
+    """Prints a trial's start, each new evaluation, its end or its error.
 
-    def __init__(self) -> None:
+    One printer serves every Tune experiment of a sweep (a shared burn-in runs two), so
+    ``total`` is the sweep's trial count and the ETA extrapolates the sweep's own pace:
+    elapsed time per finished trial, concurrency included.
+    """
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        self._begun = time.monotonic()
+        self._ended = 0
         self._started: dict[str, float] = {}
         self._last_eval_step: dict[str, int] = {}  # trial id -> step of its last evaluation
 
@@ -41,22 +50,38 @@ class TrialEventPrinter(Callback):
             f"{result.get('student/AP', float('nan')):.2f}",
             flush=True,
         )
+        self._progress()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         print(f"[error] {_name(trial)}: see {trial.local_path or trial.path}", flush=True)
+        self._progress()
+
+    def _progress(self) -> None:
+        self._ended += 1
+        elapsed = time.monotonic() - self._begun
+        left = max(self._total - self._ended, 0)
+        eta = elapsed / self._ended * left
+        print(
+            f"[sweep] {self._ended}/{self._total} trials ended, {elapsed / 60:.1f} min "
+            f"elapsed, ETA {eta / 60:.1f} min",
+            flush=True,
+        )
 
 
 def _name(trial) -> str:
-    spec = trial.config.get("trial", {})
-    if not spec:
+    job = trial.config.get("job")
+    if job is None:
         return trial.trial_id
+    point = job.point
     name = (
-        f"{spec['ratio']:g}% fold {spec['fold']} {spec['method']} "
-        f"fg {spec['fg_thr']:g} var {spec['var_thr']:g}"
+        f"{point.ratio:g}% fold {point.fold} {point.method} "
+        f"fg {point.fg_thr:g} var {point.var_thr:g}"
     )
     # the rows of the indicator and n_jitter ablations differ only here
-    if spec.get("indicator") is not None:
-        name += f" indicator {spec['indicator']}"
-    if spec.get("n_jitter") is not None:
-        name += f" n_jitter {spec['n_jitter']}"
+    if point.indicator is not None:
+        name += f" indicator {point.indicator}"
+    if point.n_jitter is not None:
+        name += f" n_jitter {point.n_jitter}"
+    if point.seed is not None:
+        name += f" seed {point.seed}"
     return name

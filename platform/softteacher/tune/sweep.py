@@ -258,8 +258,9 @@ def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> 
     log_json_artifact(parent, "sweep_settings.json", dataclasses.asdict(settings))
     specs = specs if specs is not None else settings.trial_specs()
     print(f"sweep {settings.name}: {len(specs)} trials; MLflow {tracking_uri} run {parent.run_id}")
+    printer = TrialEventPrinter(total=len(specs) + _added_roots(settings, specs, base))
     try:
-        result = _run_trials(settings, specs, prepared, parent, base)
+        result = _run_trials(settings, specs, prepared, parent, base, printer)
     except KeyboardInterrupt:
         finish_run(parent, "KILLED")
         raise
@@ -286,20 +287,21 @@ def _run_trials(
     prepared: dict[str, PreparedFold],
     parent: RunRef,
     base: ExperimentConfig,
+    printer: TrialEventPrinter,
 ) -> SweepResult:
     if not settings.shared_burn_in:
-        return _run_grid(settings, specs, prepared, parent, name=settings.name)
+        return _run_grid(settings, specs, prepared, parent, printer, name=settings.name)
     roots, branches = split_shared_burn_in(specs, base)
     burn_in = base.method.burn_in_steps
     print(
         f"shared burn-in: {len(roots)} run(s) first, then {len(branches)} semi-supervised "
         f"run(s) branch off their supervised run's step-{burn_in} checkpoint"
     )
-    first = _run_grid(settings, roots, prepared, parent, name=f"{settings.name}-roots")
+    first = _run_grid(settings, roots, prepared, parent, printer, name=f"{settings.name}-roots")
     points = _branch_points(settings, branches, roots, burn_in, first.finished)
     waiting = [s.name for s in branches if s not in {spec for spec, _ in points}]
     branched = [dataclasses.replace(spec, branch_from=str(path)) for spec, path in points]
-    more = _run_grid(settings, branched, prepared, parent, name=settings.name)
+    more = _run_grid(settings, branched, prepared, parent, printer, name=settings.name)
     return SweepResult(first.finished + more.finished, first.failed + waiting + more.failed)
 
 
@@ -308,6 +310,7 @@ def _run_grid(
     specs: list[TrialSpec],
     prepared: dict[str, PreparedFold],
     parent: RunRef,
+    printer: TrialEventPrinter,
     *,
     name: str,
 ) -> SweepResult:
@@ -333,7 +336,7 @@ def _run_grid(
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(storage),
-                callbacks=[TrialEventPrinter()],
+                callbacks=[printer],
                 verbose=0,
             ),
         )
@@ -369,6 +372,14 @@ def trial_job(
         resources=settings.resources,
     )
     return TrialJob(point, spec, parent, settings.preset, settings.data_dir)
+
+
+def _added_roots(settings: SweepSettings, specs: list[TrialSpec], base: ExperimentConfig) -> int:
+    """Supervised trials a shared burn-in adds to ``specs`` (for the progress count)."""
+    if not settings.shared_burn_in:
+        return 0
+    roots, branches = split_shared_burn_in(specs, base)
+    return len(roots) + len(branches) - len(specs)
 
 
 def split_shared_burn_in(
