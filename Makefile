@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SWEEP_ARGS ?= --ratios 1,5,10 --baseline
+SWEEP_ARGS ?= --ratios 1,5,10 --baseline --shared-burn-in
 
 .PHONY: sweep test bench lint clean
 

@@ -7,9 +7,10 @@ import torch
 from softteacher.config import preset
 from softteacher.eval.inference import load_detector
 from softteacher.train.checkpoint import (
+    BRANCH_POINT_DIR,
     CHECKPOINT_FILE,
     CheckpointError,
-    checkpoint_at_step,
+    branch_point,
     checkpoint_step,
     load_checkpoint,
     load_weights,
@@ -96,14 +97,13 @@ def test_init_from_and_branch_from_exclude_each_other():
         _config_with(init_from="a", branch_from="b")
 
 
-def test_checkpoint_at_step_finds_the_folder_saved_at_that_step(tmp_path):
-    save_checkpoint(_trained(steps=4), tmp_path / "checkpoint_2026-01-01_00-00-01")
-    save_checkpoint(_trained(steps=8), tmp_path / "checkpoint_2026-01-01_00-00-02")
-    (tmp_path / "checkpoint_2026-01-01_00-00-03").mkdir()  # torn: no file yet
-    assert checkpoint_at_step(tmp_path, 8).name.endswith("00-02")
-    assert checkpoint_at_step(tmp_path, 4).name.endswith("00-01")
+def test_branch_point_is_the_kept_end_of_burn_in_checkpoint(tmp_path):
+    save_checkpoint(_trained(steps=4), tmp_path / BRANCH_POINT_DIR)
+    assert branch_point(tmp_path, 4) == tmp_path / BRANCH_POINT_DIR
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 6"):
-        checkpoint_at_step(tmp_path, 6)
+        branch_point(tmp_path, 6)
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 4"):
+        branch_point(tmp_path / "elsewhere", 4)
 
 
 def _one_line(error: pytest.ExceptionInfo, *parts: str) -> str:

@@ -53,8 +53,12 @@ class KnownStrideRoIAlign(MultiScaleRoIAlign):
     student's classification loss 0.03 -> 0.8 at its first step, then collapse).
     """
 
-    def __init__(self, featmap_names: list[str], strides: list[int]) -> None:
-        super().__init__(featmap_names=featmap_names, output_size=7, sampling_ratio=2)
+    def __init__(
+        self, featmap_names: list[str], strides: list[int], sampling_ratio: int = 2
+    ) -> None:
+        super().__init__(
+            featmap_names=featmap_names, output_size=7, sampling_ratio=sampling_ratio
+        )
         self.scales = [1.0 / stride for stride in strides]
         self.map_levels = initLevelMapper(
             int(math.log2(strides[0])),
@@ -85,7 +89,7 @@ def build_detector(cfg: DetectorConfig) -> FasterRCNN:
         sizes=tuple((s,) for s in cfg.anchor_sizes),
         aspect_ratios=((0.5, 1.0, 2.0),) * num_levels,
     )
-    roi_pool = KnownStrideRoIAlign(featmap_names, strides)
+    roi_pool = KnownStrideRoIAlign(featmap_names, strides, cfg.roi_sampling_ratio)
     box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_dim)
     predictor = FastRCNNPredictor(cfg.box_head_dim, cfg.num_classes + 1)
     model = FasterRCNN(

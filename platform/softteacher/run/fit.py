@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import ray.train
-from ray.train import FailureConfig, RunConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from softteacher.eval.coco_eval import FINAL_METRICS
 from softteacher.run.spec import RunSpec
-from softteacher.run.worker import train_loop_per_worker
+from softteacher.run.worker import RunInputError, fatal_error_file, train_loop_per_worker
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,25 @@ def build_torch_trainer(spec: RunSpec, callbacks: list | None = None) -> TorchTr
             name=spec.name,
             storage_path=spec.storage_path,
             failure_config=FailureConfig(max_failures=spec.resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.config.train.keep_checkpoints),
             callbacks=callbacks or [],
         ),
     )
 
 
 def run(spec: RunSpec, callbacks: list | None = None) -> RunResult:
-    """Train, evaluate and checkpoint one run (resuming it when ``spec.name`` ran before)."""
-    return RunResult.of(build_torch_trainer(spec, callbacks).fit())
+    """Train, evaluate and checkpoint one run (resuming it when ``spec.name`` ran before).
+
+    A worker that fails on its input (a bad image, a class-count mismatch, a NaN loss)
+    leaves its one-line message behind (``fatal_error_file``); the restarted workers fail at
+    once on it instead of training to the same error again, and the run raises
+    ``RunInputError`` with that message rather than Ray's wrapped traceback.
+    """
+    marker = fatal_error_file(spec)
+    marker.unlink(missing_ok=True)  # a rerun after the user fixed the input starts clean
+    try:
+        return RunResult.of(build_torch_trainer(spec, callbacks).fit())
+    except Exception:
+        if marker.is_file():
+            raise RunInputError(marker.read_text().strip()) from None
+        raise

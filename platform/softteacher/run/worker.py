@@ -30,16 +30,62 @@ from softteacher.track.mlflow_runs import (
     log_metrics,
     set_tags,
 )
-from softteacher.train.checkpoint import restore_start, save_checkpoint
+from softteacher.train.checkpoint import BRANCH_POINT_DIR, restore_start, save_checkpoint
 from softteacher.train.loop import LoopHooks, Metrics, fit
 from softteacher.train.progress_metrics import ProgressGauges
 from softteacher.train.trainer import SoftTeacherTrainer
 
+# Errors no retry can fix: the input or the config is wrong (our one-line errors are
+# ValueErrors, a NaN loss is a FloatingPointError, a missing file a FileNotFoundError).
+INPUT_ERRORS = (ValueError, FloatingPointError, FileNotFoundError)
+FATAL_ERROR_FILE = "fatal_error.txt"
+
+
+class RunInputError(RuntimeError):
+    """A run stopped on its input or config: retrying cannot help, the message says why."""
+
+
+def fatal_error_file(spec: RunSpec) -> Path:
+    """Where a worker leaves the message of an error no retry can fix."""
+    return Path(spec.storage_path) / spec.name / FATAL_ERROR_FILE
+
 
 def train_loop_per_worker(config: dict) -> None:
-    """One worker of a run: resume from Ray's latest checkpoint, stream this worker's rows
-    of the labeled and unlabeled data, train, evaluate on rank 0, report."""
+    """One worker of a run; an input error is recorded so that Ray Train's restarts of the
+    worker group stop at once instead of training to the same error again."""
     spec: RunSpec = config["spec"]
+    marker = fatal_error_file(spec)
+    if marker.is_file():
+        raise RunInputError(marker.read_text().strip())
+    try:
+        _train(spec)
+    except Exception as error:
+        cause = _input_error(error)
+        if cause is not None:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{type(cause).__name__}: {_first_line(cause)}\n")
+        raise
+
+
+def _input_error(error: BaseException) -> BaseException | None:
+    """The input error in ``error``'s chain (Ray Data wraps an actor's error in its own)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, INPUT_ERRORS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error.args[0]) if error.args else str(error)
+    return (text.strip().splitlines() or [type(error).__name__])[0]
+
+
+def _train(spec: RunSpec) -> None:
+    """Resume from Ray's latest checkpoint, stream this worker's rows of the labeled and
+    unlabeled data, train, evaluate on rank 0, report."""
     cfg = spec.config
     torch.set_num_threads(spec.resources.threads_per_worker)
     context = ray.train.get_context()
@@ -92,8 +138,11 @@ def train_loop_per_worker(config: dict) -> None:
         if not is_rank_zero:
             ray.train.report(report)
             return
+        extra = {"data_position": batches.position()}
+        if step == cfg.method.burn_in_steps:  # the branch point, kept beside Ray's rolling ones
+            save_checkpoint(trainer, Path(spec.storage_path) / spec.name / BRANCH_POINT_DIR, extra)
         with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(trainer, Path(directory), {"data_position": batches.position()})
+            save_checkpoint(trainer, Path(directory), extra)
             ray.train.report(report, checkpoint=Checkpoint.from_directory(directory))
 
     fit(trainer, batches, LoopHooks(log=log, evaluate=evaluate, checkpoint=save))

@@ -18,6 +18,8 @@ from torch import nn
 from softteacher.train.trainer import SoftTeacherTrainer
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Where a run keeps its end-of-burn-in state, the branch point of ``train.branch_from``.
+BRANCH_POINT_DIR = "branch_point"
 # what every reader of a checkpoint takes from it (trainer.state_dict writes these)
 SAVED_KEYS = ("student", "teacher", "optimizer", "scheduler", "step")
 
@@ -110,15 +112,15 @@ def checkpoint_step(directory: Path) -> int:
     return int(read_checkpoint(_existing(directory, "checkpoint"))["step"])
 
 
-def checkpoint_at_step(run_dir: Path, step: int) -> Path:
-    """The checkpoint folder of ``run_dir`` (a run's folder of ``checkpoint_*`` folders, as
-    Ray Train writes them) saved at ``step``."""
-    for directory in sorted(run_dir.glob("checkpoint_*")):
-        if has_checkpoint(directory) and checkpoint_step(directory) == step:
-            return directory
+def branch_point(run_dir: Path, step: int) -> Path:
+    """The end-of-burn-in checkpoint a run keeps beside Ray's rolling ones (which Ray
+    deletes past ``train.keep_checkpoints``): ``run_dir/branch_point``, saved at ``step``."""
+    directory = Path(run_dir) / BRANCH_POINT_DIR
+    if has_checkpoint(directory) and checkpoint_step(directory) == step:
+        return directory
     raise FileNotFoundError(
-        f"no checkpoint of step {step} under {run_dir}; the run saves one at the end of "
-        "burn-in (method.burn_in_steps) and every train.ckpt_every steps: rerun it to get one"
+        f"no checkpoint of step {step} in {directory}; a run saves one at the end of "
+        "burn-in (method.burn_in_steps): rerun its supervised trial to get one"
     )
 
 

@@ -4,6 +4,7 @@ after each finished trial where the whole sweep stands: trials done, elapsed tim
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from ray.tune import Callback
 
@@ -53,7 +54,7 @@ class TrialEventPrinter(Callback):
         self._progress()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        print(f"[error] {_name(trial)}: see {trial.local_path or trial.path}", flush=True)
+        print(f"[error] {_name(trial)}: {_error_line(trial)}", flush=True)
         self._progress()
 
     def _progress(self) -> None:
@@ -66,6 +67,16 @@ class TrialEventPrinter(Callback):
             f"elapsed, ETA {eta / 60:.1f} min",
             flush=True,
         )
+
+
+def _error_line(trial) -> str:
+    """The error's own last line (the one-line message), else where Tune keeps it."""
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, TypeError):
+        lines = []
+    return lines[-1].strip() if lines else f"see {trial.local_path or trial.path}"
 
 
 def _name(trial) -> str:

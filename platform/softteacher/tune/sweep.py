@@ -49,7 +49,7 @@ from softteacher.track.tables import (
     summarize,
     write_tables,
 )
-from softteacher.train.checkpoint import checkpoint_at_step
+from softteacher.train.checkpoint import branch_point
 from softteacher.tune.progress import TrialEventPrinter
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -431,7 +431,7 @@ def _branch_points(
             print(f"{spec.name}: waits for its supervised trial, which did not finish")
             continue
         run_dir = settings.train_storage / settings.run_name(supervised[key])
-        points.append((spec, checkpoint_at_step(run_dir, burn_in)))
+        points.append((spec, branch_point(run_dir, burn_in)))
     return points
 
 
