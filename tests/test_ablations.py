@@ -183,10 +183,10 @@ def test_sweep_table_keeps_indicator_and_jitter_rows_apart():
     for key in ("table7", "table10"):
         table = TABLES[key]
         finished = _finished(settings, table, [1.0] * len(table.rows))
-        summaries = summarize([sweep._trial_result(t) for t in finished])
+        summaries = summarize([sweep.table_row(t) for t in finished])
         assert len(summaries) == len(table.rows)
     labels = {s.method for s in summarize(
-        [sweep._trial_result(t) for t in _finished(settings, TABLES["table10"], [1.0] * 3)]
+        [sweep.table_row(t) for t in _finished(settings, TABLES["table10"], [1.0] * 3)]
     )}
     assert labels == {"soft_teacher_jitter+nj5", "soft_teacher_jitter+nj10",
                       "soft_teacher_jitter+nj15"}

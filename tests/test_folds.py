@@ -181,8 +181,8 @@ def test_cli_writes_the_files(tmp_path: Path) -> None:
     assert failed.returncode == 2 and "nope.json" in failed.stderr
 
 
-def test_coco_train2017_scale(tmp_path: Path) -> None:
-    """118k images, one annotation each: one read, every fold written (seconds, not minutes)."""
+def test_folds_of_a_train2017_sized_file_have_the_exact_counts(tmp_path: Path) -> None:
+    """118k images, one annotation each (COCO train2017's image count)."""
     ann = _write(tmp_path, _coco(118_287, anns_per_image=1))
     results = write_folds(ann, tmp_path / "folds", [1, 10], [1])
     assert [(r.num_labeled, r.num_unlabeled) for r in results] == [(1182, 117_105),

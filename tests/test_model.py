@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
-from softteacher.config import MethodConfig, preset
+from softteacher.config import METHODS, MethodConfig, preset
 from softteacher.data.collate import DetectionBatch, UnlabeledBatch
 from softteacher.kernels import box_jitter_variance, jitter_boxes
 from softteacher.model import pseudo_labels
@@ -137,13 +137,15 @@ def test_pseudo_targets_split_by_score_and_variance():
     assert no_jitter.reg is no_jitter.cls
 
 
-@pytest.mark.parametrize("method", ["supervised", "e2e", "e2e_ema", "soft_teacher"])
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_takes_a_finite_step(method):
+    """multi_stage's steps are supervised ones (its stages are whole supervised runs)."""
     trainer = SoftTeacherTrainer(_smoke(method=method, burn_in_steps=0), torch.device("cpu"))
-    unlabeled = None if method == "supervised" else _unlabeled(0.3, 0.7)
-    metrics = trainer.step(_labeled(0.5, n=5 if method == "supervised" else 1), unlabeled)
+    supervised = method in ("supervised", "multi_stage")
+    unlabeled = None if supervised else _unlabeled(0.3, 0.7)
+    metrics = trainer.step(_labeled(0.5, n=5 if supervised else 1), unlabeled)
     assert np.isfinite(metrics["loss/total"])
-    assert ("loss/unsup_cls" in metrics) == (method != "supervised")
+    assert ("loss/unsup_cls" in metrics) == (not supervised)
     assert trainer.step_count == 1
 
 
@@ -155,11 +157,18 @@ def test_non_finite_loss_is_reported_with_the_step():
         trainer.step(_labeled(0.5), None)
 
 
-def test_slim_detector_shapes():
-    detector = build_detector(preset("smoke").detector).eval()
+def test_slim_detector_output_shapes():
+    cfg = preset("smoke").detector
+    detector = build_detector(cfg).eval()
     with torch.no_grad():
-        out = detector([torch.rand(3, 80, 96)])
-    assert set(out[0]) == {"boxes", "labels", "scores"}
+        (out,) = detector([torch.rand(3, 80, 96)])
+    assert set(out) == {"boxes", "labels", "scores"}
+    n = len(out["scores"])
+    assert out["boxes"].shape == (n, 4) and out["labels"].shape == (n,)
+    assert n <= cfg.detections_per_img
+    if n:
+        assert ((out["labels"] >= 1) & (out["labels"] <= cfg.num_classes)).all()
+        assert (out["boxes"][:, 2:] <= torch.tensor([96.0, 80.0])).all()
 
 
 def _confident_teacher_trainer(**method_changes) -> SoftTeacherTrainer:

@@ -139,7 +139,7 @@ def test_teacher_from_checkpoint_is_the_runs_ema_teacher(tmp_path):
         teacher_from_checkpoint(cfg, tmp_path / "missing", torch.device("cpu"))
 
 
-def test_multi_stage_trains_supervised_in_each_stage():
+def test_multi_stage_steps_are_supervised_and_read_no_unlabeled_images():
     method = MethodConfig(method="multi_stage")
     assert not method.uses_unlabeled and not method.uses_jitter and method.uses_ema
     assert method.effective_indicator == "none"

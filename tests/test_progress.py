@@ -1,33 +1,46 @@
-"""The sweep's one-line trial events name every field that tells two trials apart."""
+"""The sweep's one-line trial events name every field that tells two trials apart, and the
+progress line counts the whole sweep."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from softteacher.tune.progress import _name
+from softteacher.tune.progress import TrialEventPrinter, trial_name
+from softteacher.tune.sweep import TrialSpec
 
 
 def _trial(**overrides) -> SimpleNamespace:
-    spec = {"ratio": 10.0, "fold": 1, "method": "soft_teacher", "fg_thr": 0.7, "var_thr": 0.02}
-    spec.update(overrides)
-    return SimpleNamespace(trial_id="t0", config={"trial": spec})
+    point = TrialSpec(10.0, 1, "soft_teacher", 0.7, 0.02, **overrides)
+    return SimpleNamespace(trial_id="t0", config={"job": SimpleNamespace(point=point)})
 
 
 def test_name_of_a_plain_trial() -> None:
-    assert _name(_trial()) == "10% fold 1 soft_teacher fg 0.7 var 0.02"
+    assert trial_name(_trial()) == "10% fold 1 soft_teacher fg 0.7 var 0.02"
 
 
-def test_indicator_and_jitter_rows_print_apart() -> None:
+def test_indicator_jitter_and_seed_rows_print_apart() -> None:
     names = {
-        _name(_trial(indicator="iou")),
-        _name(_trial(indicator="bg_student")),
-        _name(_trial(n_jitter=5)),
-        _name(_trial()),
+        trial_name(_trial(indicator="iou")),
+        trial_name(_trial(indicator="bg_student")),
+        trial_name(_trial(n_jitter=5)),
+        trial_name(_trial(seed=2)),
+        trial_name(_trial()),
     }
-    assert len(names) == 4
-    assert "indicator iou" in _name(_trial(indicator="iou"))
-    assert "n_jitter 5" in _name(_trial(n_jitter=5))
+    assert len(names) == 5
+    assert "indicator iou" in trial_name(_trial(indicator="iou"))
+    assert "n_jitter 5" in trial_name(_trial(n_jitter=5))
+    assert "seed 2" in trial_name(_trial(seed=2))
 
 
-def test_a_trial_without_a_spec_is_named_by_its_id() -> None:
-    assert _name(SimpleNamespace(trial_id="t7", config={})) == "t7"
+def test_a_trial_without_a_job_is_named_by_its_id() -> None:
+    assert trial_name(SimpleNamespace(trial_id="t7", config={})) == "t7"
+
+
+def test_progress_counts_ended_trials_of_the_whole_sweep(capsys) -> None:
+    printer = TrialEventPrinter(total=3)
+    trial = SimpleNamespace(**vars(_trial()), last_result={"teacher/AP": 12.5, "student/AP": 11.0})
+    printer.on_trial_start(0, [], trial)
+    printer.on_trial_complete(0, [], trial)
+    out = capsys.readouterr().out
+    assert "[done]  10% fold 1 soft_teacher fg 0.7 var 0.02" in out and "teacher mAP 12.50" in out
+    assert "[sweep] 1/3 trials ended" in out and "ETA" in out

@@ -26,7 +26,7 @@ class TrialEventPrinter(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._started[trial.trial_id] = time.monotonic()
-        print(f"[start] {_name(trial)}", flush=True)
+        print(f"[start] {trial_name(trial)}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         step = int(result.get("eval_step", -1))
@@ -37,7 +37,7 @@ class TrialEventPrinter(Callback):
         student = result.get("student/AP", float("nan"))
         speed = result.get("images_per_s", float("nan"))
         print(
-            f"[eval]  {_name(trial)} step {step}: teacher mAP {teacher:.2f}, "
+            f"[eval]  {trial_name(trial)} step {step}: teacher mAP {teacher:.2f}, "
             f"student mAP {student:.2f}, {speed:.1f} img/s",
             flush=True,
         )
@@ -46,7 +46,7 @@ class TrialEventPrinter(Callback):
         minutes = (time.monotonic() - self._started.get(trial.trial_id, time.monotonic())) / 60
         result = trial.last_result or {}
         print(
-            f"[done]  {_name(trial)} in {minutes:.1f} min: teacher mAP "
+            f"[done]  {trial_name(trial)} in {minutes:.1f} min: teacher mAP "
             f"{result.get('teacher/AP', float('nan')):.2f}, student mAP "
             f"{result.get('student/AP', float('nan')):.2f}",
             flush=True,
@@ -54,7 +54,7 @@ class TrialEventPrinter(Callback):
         self._progress()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        print(f"[error] {_name(trial)}: {_error_line(trial)}", flush=True)
+        print(f"[error] {trial_name(trial)}: {_error_line(trial)}", flush=True)
         self._progress()
 
     def _progress(self) -> None:
@@ -79,7 +79,7 @@ def _error_line(trial) -> str:
     return lines[-1].strip() if lines else f"see {trial.local_path or trial.path}"
 
 
-def _name(trial) -> str:
+def trial_name(trial) -> str:
     job = trial.config.get("job")
     if job is None:
         return trial.trial_id

@@ -264,7 +264,7 @@ def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> 
     except KeyboardInterrupt:
         finish_run(parent, "KILLED")
         raise
-    summaries = summarize([_trial_result(t) for t in result.finished])
+    summaries = summarize([table_row(t) for t in result.finished])
     print(format_table(summaries))
     paths = write_tables(summaries, results_dir, stem=f"{settings.name}_table")
     log_tables_to_run(parent, summaries, paths)
@@ -528,7 +528,7 @@ def _final_metrics_of(run_ref: RunRef) -> dict[str, float]:
     return {name: logged[f"final/{name}"] for name in FINAL_METRICS if f"final/{name}" in logged}
 
 
-def _trial_result(trial: FinishedTrial) -> TrialResult:
+def table_row(trial: FinishedTrial) -> TrialResult:
     spec = trial.spec
     return TrialResult(
         spec.ratio, spec.fold, spec.label, spec.fg_thr, spec.var_thr, trial.metrics, spec.seed
