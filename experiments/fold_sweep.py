@@ -20,7 +20,8 @@ from pathlib import Path
 from softteacher.config import METHODS, PRESETS
 from softteacher.preflight import INPUT_ERRORS, check_sweep, exit_on_usage_error
 from softteacher.tune.cluster import default_preset_and_resources, start_or_join
-from softteacher.tune.sweep import SweepSettings, run_sweep
+from softteacher.tune.grid import SweepSettings
+from softteacher.tune.sweep import run_sweep
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -14,7 +14,7 @@ from PIL import Image
 from softteacher.config import AugmentConfig
 from softteacher.data.coco import CocoDataset, load_coco
 from softteacher.eval.coco_eval import (
-    METRIC_NAMES,
+    COCO_METRICS,
     DetectionMismatchError,
     coco_metrics,
     evaluate,
@@ -99,8 +99,8 @@ class GroundTruthDetector(torch.nn.Module):
 def test_ground_truth_scores_100_after_resize_and_label_mapping(dataset: CocoDataset) -> None:
     model = GroundTruthDetector(dataset)
     metrics = evaluate(model, dataset, AUGMENT, batch_size=2)
-    assert tuple(metrics) == METRIC_NAMES
-    for name in METRIC_NAMES:
+    assert tuple(metrics) == COCO_METRICS
+    for name in COCO_METRICS:
         assert metrics[name] == pytest.approx(100.0, abs=1e-6), name
     # The model saw resized views, not the originals.
     originals = [(r.width, r.height) for r in dataset.records]
@@ -125,9 +125,9 @@ def test_shifted_boxes_score_far_lower(dataset: CocoDataset) -> None:
 
 
 def test_no_detections_score_zero(dataset: CocoDataset) -> None:
-    assert coco_metrics(dataset, []) == dict.fromkeys(METRIC_NAMES, 0.0)
+    assert coco_metrics(dataset, []) == dict.fromkeys(COCO_METRICS, 0.0)
     metrics = evaluate(GroundTruthDetector(dataset, empty=True), dataset, AUGMENT)
-    assert metrics == dict.fromkeys(METRIC_NAMES, 0.0)
+    assert metrics == dict.fromkeys(COCO_METRICS, 0.0)
 
 
 def test_max_images_restricts_prediction_and_scoring(dataset: CocoDataset) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from softteacher.tune.grid import TrialSpec
 from softteacher.tune.progress import TrialEventPrinter, trial_name
-from softteacher.tune.sweep import TrialSpec
 
 
 def _trial(**overrides) -> SimpleNamespace:

@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 from softteacher.config import preset
 from softteacher.run.spec import WorkerResources
 from softteacher.track.mlflow_runs import PARENT_TAG as PARENT
-from softteacher.tune.sweep import SweepResult, SweepSettings, run_sweep, split_shared_burn_in
+from softteacher.tune.grid import SweepSettings, split_shared_burn_in
+from softteacher.tune.sweep import SweepResult, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -90,6 +91,9 @@ def test_sweep_command_records_runs_branches_off_the_burn_in_and_resumes(tmp_pat
     assert min(steps) > burn_in  # it trained its semi-supervised phase only
     baseline_steps = client.get_metric_history(supervised.info.run_id, "loss/total")
     assert min(m.step for m in baseline_steps) <= burn_in
+    # checkpoints at steps 4 (burn-in), 6 and 12: Ray keeps the last 2, the branch point apart
+    assert len(list(branch.parent.glob("checkpoint_*"))) == preset("smoke").train.keep_checkpoints
+    assert branch.name == "branch_point"
 
     tables = list(results.glob("*_table.csv"))
     assert len(tables) == 1

@@ -26,7 +26,7 @@ from softteacher.data.protocol import DatasetLayoutError, coco_root_summary
 from softteacher.run.spec import WorkerResources
 from softteacher.train.checkpoint import CheckpointError
 from softteacher.tune.ablations import AblationSettings, AblationTable
-from softteacher.tune.sweep import SweepSettings, TrialSpec, split_shared_burn_in
+from softteacher.tune.grid import SweepSettings, TrialSpec, split_shared_burn_in
 
 FOLDS = range(1, 6)  # the STAC protocol's five folds
 # What a user can fix that surfaces only once the run started (a bad box in a fold file, a

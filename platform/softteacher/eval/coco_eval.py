@@ -21,11 +21,7 @@ from softteacher.data.coco import CocoDataset
 from softteacher.data.images import load_image
 from softteacher.data.samples import ImageRecord
 from softteacher.eval.inference import Detections, detect
-
-METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-MODELS = ("teacher", "student")
-# What a run reports at the end: ``teacher/AP`` ... ``student/APl``.
-FINAL_METRICS = tuple(f"{model}/{name}" for model in MODELS for name in METRIC_NAMES)
+from softteacher.names import COCO_METRICS
 
 
 class DetectionMismatchError(ValueError):
@@ -62,7 +58,7 @@ def coco_metrics(
 ) -> dict[str, float]:
     """COCOeval (bbox) on the dataset's annotation file, restricted to ``image_ids``.
 
-    Returns ``METRIC_NAMES`` -> percent (0-100); all of the dataset's records by default.
+    Returns ``COCO_METRICS`` -> percent (0-100); all of the dataset's records by default.
     A metric pycocotools leaves undefined (-1: no ground truth in that size range among the
     images) is NaN rather than a number that would average in as a score.
     """
@@ -76,8 +72,8 @@ def coco_metrics(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    stats = evaluator.stats[: len(METRIC_NAMES)]
-    return {name: _percent(value) for name, value in zip(METRIC_NAMES, stats, strict=True)}
+    stats = evaluator.stats[: len(COCO_METRICS)]
+    return {name: _percent(value) for name, value in zip(COCO_METRICS, stats, strict=True)}
 
 
 def evaluate(

@@ -8,7 +8,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from softteacher.eval.coco_eval import FINAL_METRICS
+from softteacher.names import FINAL_METRICS
 from softteacher.run.spec import RunSpec
 from softteacher.run.worker import RunInputError, fatal_error_file, train_loop_per_worker
 

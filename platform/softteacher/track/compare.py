@@ -19,9 +19,10 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from softteacher.config import METHODS
+from softteacher.names import FINAL_PREFIX, STUDENT_AP, TEACHER_AP
 from softteacher.track.mlflow_runs import PARENT_TAG
 
-DEFAULT_METRICS = ("final/teacher/AP", "final/student/AP")
+DEFAULT_METRICS = (FINAL_PREFIX + TEACHER_AP, FINAL_PREFIX + STUDENT_AP)
 PARAM_PREFIX = "params."
 METRIC_PREFIX = "metrics."
 PARENT_COLUMN = f"tags.{PARENT_TAG}"
@@ -308,7 +309,7 @@ def _metric_column(runs: pd.DataFrame, name: str) -> str:
     if column in runs.columns and runs[column].notna().any():
         return column
     available = sorted(c[len(METRIC_PREFIX) :] for c in runs.columns if c.startswith(METRIC_PREFIX))
-    finals = [m for m in available if m.startswith("final/")] or available[:12]
+    finals = [m for m in available if m.startswith(FINAL_PREFIX)] or available[:12]
     raise UnknownFieldError(
         f"no loaded run has metric {name!r} (unfinished runs have no final/ metrics); "
         f"pass --metrics from: {', '.join(finals) or 'none logged'}"

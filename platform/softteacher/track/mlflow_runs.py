@@ -26,6 +26,8 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from softteacher.names import FINAL_PREFIX
+
 _logger = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -215,7 +217,7 @@ def log_metrics(run: RunRef, metrics: Mapping[str, float], step: int) -> None:
 def log_final_metrics(run: RunRef, metrics: Mapping[str, float], step: int = 0) -> None:
     """End-of-trial metrics under ``final/`` (``teacher/AP`` -> ``final/teacher/AP``), so they
     never mix with the step curves of the same name."""
-    log_metrics(run, {f"final/{key}": value for key, value in metrics.items()}, step)
+    log_metrics(run, {FINAL_PREFIX + key: value for key, value in metrics.items()}, step)
 
 
 def log_json_artifact(

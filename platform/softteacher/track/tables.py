@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from softteacher.config import METHODS
+from softteacher.names import STUDENT_AP, TEACHER_AP
 from softteacher.track.mlflow_runs import (
     RunRef,
     log_file_artifact,
@@ -27,7 +28,7 @@ from softteacher.track.mlflow_runs import (
     sanitize_key,
 )
 
-DEFAULT_METRICS = ("teacher/AP", "student/AP")
+DEFAULT_METRICS = (TEACHER_AP, STUDENT_AP)
 _KEY_COLUMNS = ("ratio %", "method", "fg_thr", "var_thr", "folds")
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from softteacher.config import INDICATORS, METHODS, ExperimentConfig, MethodConfig
+from softteacher.names import model_metric
 from softteacher.run.spec import WorkerResources
 from softteacher.track.mlflow_runs import (
     default_tracking_uri,
@@ -32,12 +33,16 @@ from softteacher.track.mlflow_runs import (
 )
 from softteacher.track.tables import write_atomically
 from softteacher.train.checkpoint import CheckpointError, checkpoint_step
-from softteacher.tune.sweep import PROJECT_ROOT, FinishedTrial, SweepSettings, TrialSpec, run_sweep
+from softteacher.tune.grid import PROJECT_ROOT, SweepSettings, TrialSpec
+from softteacher.tune.sweep import FinishedTrial, run_sweep
 
 EXPERIMENT_NAME = "ablations"
 # Ours: the teacher's COCO metrics (MMDetection 3 reports the teacher; the paper's column
 # names are mAP, mAP@0.5 and mAP@0.75).
-METRIC_COLUMNS = (("mAP", "teacher/AP"), ("AP50", "teacher/AP50"), ("AP75", "teacher/AP75"))
+METRIC_COLUMNS = tuple(
+    (column, model_metric("teacher", name))
+    for column, name in (("mAP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"))
+)
 
 
 class AblationError(ValueError):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from softteacher.names import EVAL_STEP, IMAGES_PER_S, STUDENT_AP, TEACHER_AP
+
 
 class TrialEventPrinter(Callback):
     """Prints a trial's start, each new evaluation, its end or its error.
@@ -29,13 +31,13 @@ class TrialEventPrinter(Callback):
         print(f"[start] {trial_name(trial)}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        step = int(result.get("eval_step", -1))
+        step = int(result.get(EVAL_STEP, -1))
         if step < 0 or self._last_eval_step.get(trial.trial_id) == step:
             return
         self._last_eval_step[trial.trial_id] = step
-        teacher = result.get("teacher/AP", float("nan"))
-        student = result.get("student/AP", float("nan"))
-        speed = result.get("images_per_s", float("nan"))
+        teacher = result.get(TEACHER_AP, float("nan"))
+        student = result.get(STUDENT_AP, float("nan"))
+        speed = result.get(IMAGES_PER_S, float("nan"))
         print(
             f"[eval]  {trial_name(trial)} step {step}: teacher mAP {teacher:.2f}, "
             f"student mAP {student:.2f}, {speed:.1f} img/s",
@@ -47,8 +49,8 @@ class TrialEventPrinter(Callback):
         result = trial.last_result or {}
         print(
             f"[done]  {trial_name(trial)} in {minutes:.1f} min: teacher mAP "
-            f"{result.get('teacher/AP', float('nan')):.2f}, student mAP "
-            f"{result.get('student/AP', float('nan')):.2f}",
+            f"{result.get(TEACHER_AP, float('nan')):.2f}, student mAP "
+            f"{result.get(STUDENT_AP, float('nan')):.2f}",
             flush=True,
         )
         self._progress()

@@ -1,0 +1,22 @@
+"""Metric names, defined once: the writers (the loop, the evaluation, the sweep) and the
+readers (tables, plots, comparisons, progress lines) use these, never their own literals."""
+
+from __future__ import annotations
+
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+MODELS = ("teacher", "student")
+
+
+def model_metric(model: str, name: str) -> str:
+    """``teacher/AP``: a model's COCO metric as every tracker logs it."""
+    return f"{model}/{name}"
+
+
+TEACHER_AP = model_metric("teacher", "AP")
+STUDENT_AP = model_metric("student", "AP")
+# What a run reports at the end: ``teacher/AP`` ... ``student/APl``.
+FINAL_METRICS = tuple(model_metric(m, n) for m in MODELS for n in COCO_METRICS)
+FINAL_PREFIX = "final/"  # the final metrics of a trial's MLflow run: ``final/teacher/AP``
+LOSS_TOTAL = "loss/total"
+IMAGES_PER_S = "images_per_s"
+EVAL_STEP = "eval_step"

@@ -1,0 +1,196 @@
+"""The sweep's grid: its points (``TrialSpec``), the settings that make them, and how a
+shared burn-in splits them into the supervised runs that go first and their branches.
+
+``TrialSpec.apply`` is the one place a grid point becomes config fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from softteacher.config import ExperimentConfig, apply_overrides, preset
+from softteacher.run.spec import WorkerResources
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One point of the grid."""
+
+    ratio: float
+    fold: int
+    method: str
+    fg_thr: float
+    var_thr: float
+    indicator: str | None = None  # None: the preset's (BG-T)
+    n_jitter: int | None = None  # None: the preset's
+    seed: int | None = None  # None: the preset's
+    # a shared burn-in checkpoint: where the trial starts, not which trial it is
+    branch_from: str | None = field(default=None, compare=False)
+
+    @property
+    def name(self) -> str:
+        name = f"r{self.ratio:g}-f{self.fold}-{self.method}-fg{self.fg_thr:g}-var{self.var_thr:g}"
+        if self.indicator is not None:
+            name += f"-{self.indicator}"
+        if self.n_jitter is not None:
+            name += f"-nj{self.n_jitter}"
+        if self.seed is not None:
+            name += f"-s{self.seed}"
+        return name
+
+    def apply(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        """The paper's foreground threshold serves the classification and RPN pseudo boxes."""
+        changes = {
+            "method": self.method,
+            "cls_thr": self.fg_thr,
+            "rpn_thr": self.fg_thr,
+            "reg_thr": self.var_thr,
+        }
+        if self.indicator is not None:
+            changes["indicator"] = self.indicator
+        if self.n_jitter is not None:
+            changes["n_jitter"] = self.n_jitter
+        train = {"branch_from": self.branch_from} if self.branch_from else {}
+        if self.seed is not None:
+            train["seed"] = self.seed
+        cfg = cfg.replace(method=changes)
+        return cfg.replace(train=train) if train else cfg
+
+    @property
+    def label(self) -> str:
+        """The method as the sweep table names it: a trial that sets its own indicator or
+        jitter count gets them appended (``soft_teacher+iou``), so that the rows of an
+        indicator or n_jitter ablation stay apart instead of counting as one setting's
+        repeated fold."""
+        label = self.method
+        if self.indicator is not None:
+            label += f"+{self.indicator}"
+        if self.n_jitter is not None:
+            label += f"+nj{self.n_jitter}"
+        return label
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Everything the command line decides; its hash names the sweep (and so resumes it)."""
+
+    preset: str = "cpu"
+    ratios: tuple[float, ...] = (1.0, 5.0, 10.0)
+    folds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    methods: tuple[str, ...] = ("soft_teacher_jitter",)
+    fg_thrs: tuple[float, ...] = (0.9,)
+    var_thrs: tuple[float, ...] = (0.02,)
+    # replicates: every trial once a seed (None: the preset's seed only)
+    seeds: tuple[int, ...] | None = None
+    baseline: bool = False
+    # semi-supervised trials branch off their (ratio, fold)'s supervised trial at the end of
+    # burn-in instead of repeating it, so both arms share one burn-in
+    shared_burn_in: bool = False
+    coco_root: str | None = None
+    results_dir: str = str(PROJECT_ROOT / "experiments" / "results")
+    data_dir: str = str(PROJECT_ROOT / "data")
+    resources: WorkerResources = field(default_factory=WorkerResources)
+    max_steps: int | None = None
+    ckpt_every: int | None = None
+    overrides: tuple[str, ...] = ()  # ``section.field=value``, applied last (``--set``)
+    experiment_name: str = "fold_sweep"
+    sweep_name: str | None = None
+
+    def base_config(self) -> ExperimentConfig:
+        cfg = preset(self.preset)
+        train_changes = {}
+        if self.max_steps is not None:
+            train_changes["max_steps"] = self.max_steps
+        if self.ckpt_every is not None:
+            train_changes["ckpt_every"] = self.ckpt_every
+        cfg = cfg.replace(train=train_changes) if train_changes else cfg
+        return apply_overrides(cfg, self.overrides)
+
+    def trial_specs(self) -> list[TrialSpec]:
+        seeds = self.seeds or (None,)
+        specs = [
+            TrialSpec(r, f, m, fg, var, seed=s)
+            for r in self.ratios
+            for f in self.folds
+            for m in self.methods
+            for fg in self.fg_thrs
+            for var in self.var_thrs
+            for s in seeds
+        ]
+        if self.baseline and "supervised" not in self.methods:
+            # thresholds mean nothing to the baseline: one run per (ratio, fold, seed)
+            default = self.base_config().method
+            specs += [
+                TrialSpec(r, f, "supervised", default.cls_thr, default.reg_thr, seed=s)
+                for r in self.ratios
+                for f in self.folds
+                for s in seeds
+            ]
+        return specs
+
+    @property
+    def name(self) -> str:
+        if self.sweep_name:
+            return self.sweep_name
+        # The resolved config is part of the identity: a preset changed in code starts a new
+        # sweep instead of resuming one whose MLflow runs hold the old params.
+        identity = dataclasses.asdict(self) | {
+            "results_dir": None,
+            "data_dir": None,
+            "config": self.base_config().to_dict(),
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.experiment_name}-{self.preset}-{digest}"
+
+    def run_name(self, spec: TrialSpec) -> str:
+        """The Ray Train run of a trial (unique to it: Ray Train resumes by name)."""
+        return f"{self.name}-{spec.name}"
+
+    @property
+    def train_storage(self) -> Path:
+        return Path(self.results_dir) / "ray" / "train"
+
+
+def split_shared_burn_in(
+    specs: list[TrialSpec], base: ExperimentConfig
+) -> tuple[list[TrialSpec], list[TrialSpec]]:
+    """The trials that run first (the supervised ones, and multi-stage, which does not
+    branch) and the semi-supervised ones that branch off the supervised trial of their
+    (ratio, fold, seed) at the end of burn-in; a (ratio, fold, seed) without a supervised
+    trial gets one (the preset's thresholds), as ``--baseline`` would add."""
+    if base.method.burn_in_steps <= 0 or base.method.burn_in_steps >= base.train.max_steps:
+        raise ValueError(
+            f"a shared burn-in needs 0 < method.burn_in_steps < train.max_steps (the preset "
+            f"has {base.method.burn_in_steps} and {base.train.max_steps}); choose a preset "
+            "with a burn-in or drop --shared-burn-in"
+        )
+    branches = [
+        s for s in specs if s.method != "multi_stage" and s.apply(base).method.uses_unlabeled
+    ]
+    roots = [s for s in specs if s not in branches]
+    supervised = {root_key(s) for s in roots if s.method == "supervised"}
+    branch_keys = dict.fromkeys(root_key(s) for s in branches)  # ordered, unique
+    roots += [
+        TrialSpec(ratio, fold, "supervised", base.method.cls_thr, base.method.reg_thr, seed=seed)
+        for ratio, fold, seed in branch_keys
+        if (ratio, fold, seed) not in supervised
+    ]
+    return roots, branches
+
+
+def root_key(spec: TrialSpec) -> tuple[float, int, int | None]:
+    return spec.ratio, spec.fold, spec.seed
+
+
+def added_roots(settings: SweepSettings, specs: list[TrialSpec], base: ExperimentConfig) -> int:
+    """Supervised trials a shared burn-in adds to ``specs`` (for the progress count)."""
+    if not settings.shared_burn_in:
+        return 0
+    roots, branches = split_shared_burn_in(specs, base)
+    return len(roots) + len(branches) - len(specs)
