@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from softteacher.data.coco import CocoFormatError, read_coco_json
+from softteacher.files import write_atomically
 
 DEFAULT_STEM = "instances_train2017"
 
@@ -221,17 +220,7 @@ def _write_if_changed(path: Path, content: bytes) -> bool:
     """Atomically replace ``path`` with ``content`` unless it already holds those bytes."""
     if _holds(path, content):
         return False
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(content)
-        os.chmod(handle.name, 0o644)  # temp files start private; fold files are shared data
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    write_atomically(path, content)
     return True
 
 

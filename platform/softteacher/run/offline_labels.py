@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from softteacher.config import AugmentConfig, ExperimentConfig
 from softteacher.data.coco import CocoDataset, check_same_categories, read_coco_json
 from softteacher.data.protocol import FoldData
 from softteacher.eval.coco_eval import predict
+from softteacher.files import write_atomically
 from softteacher.model.pseudo_labels import MIN_PSEUDO_BOX_SIDE
 from softteacher.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from softteacher.train.trainer import SoftTeacherTrainer
@@ -116,7 +115,7 @@ def pseudo_label_offline(
         "images": labeled_content["images"] + images,
         "annotations": labeled_content["annotations"] + pseudo,
     }
-    _write_json_atomically(Path(out_file), merged)
+    write_atomically(Path(out_file), json.dumps(merged, separators=(",", ":")))
     return PseudoLabelReport(
         out_file=Path(out_file),
         fg_thr=float(fg_thr),
@@ -180,23 +179,3 @@ def _pseudo_annotation(detection: dict, annotation_id: int) -> dict:
         "iscrowd": 0,
         "score": detection["score"],
     }
-
-
-def _write_json_atomically(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w",
-        dir=path.parent,
-        prefix=f".{path.name}.",
-        suffix=".tmp",
-        delete=False,
-        encoding="utf-8",
-    )
-    try:
-        with handle:
-            json.dump(content, handle, separators=(",", ":"))
-        os.chmod(handle.name, 0o644)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise

@@ -12,14 +12,13 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from softteacher.config import METHODS
+from softteacher.files import write_atomically
 from softteacher.names import STUDENT_AP, TEACHER_AP
 from softteacher.track.mlflow_runs import (
     RunRef,
@@ -275,16 +274,3 @@ def _as_record(s: FoldSummary) -> dict:
         "n_runs": s.n_runs,
         "per_fold": {m: list(values) for m, values in s.per_fold.items()},
     }
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write beside ``path`` and rename over it (a rename within a folder is atomic)."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp_name, 0o644)  # mkstemp's 0600 would hide the table from other users
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

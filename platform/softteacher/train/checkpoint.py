@@ -6,15 +6,14 @@ its checkpoint directory), written atomically so a crash never leaves a torn fil
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from softteacher.files import atomic_open
 from softteacher.train.trainer import SoftTeacherTrainer
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -34,9 +33,8 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CHECKPOINT_FILE
     state = trainer.state_dict() | {"extra": extra or {}}
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
+    with atomic_open(target) as handle:
         torch.save(state, handle)
-    os.replace(handle.name, target)
     return target
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from softteacher.config import INDICATORS, METHODS, ExperimentConfig, MethodConfig
+from softteacher.files import write_atomically
 from softteacher.names import model_metric
 from softteacher.run.spec import WorkerResources
 from softteacher.track.mlflow_runs import (
@@ -31,7 +32,6 @@ from softteacher.track.mlflow_runs import (
     log_file_artifact,
     resume_parent_run,
 )
-from softteacher.track.tables import write_atomically
 from softteacher.train.checkpoint import CheckpointError, checkpoint_step
 from softteacher.tune.grid import PROJECT_ROOT, SweepSettings, TrialSpec
 from softteacher.tune.sweep import FinishedTrial, run_sweep
