@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from softteacher.config import METHODS
 from softteacher.names import FINAL_PREFIX, STUDENT_AP, TEACHER_AP
 from softteacher.track.mlflow_runs import PARENT_TAG
+from softteacher.track.render import plain_table
 
 DEFAULT_METRICS = (FINAL_PREFIX + TEACHER_AP, FINAL_PREFIX + STUDENT_AP)
 PARAM_PREFIX = "params."
@@ -254,10 +255,7 @@ def format_summary(summary: pd.DataFrame) -> str:
                 cell += f" (n={count})"
             cells.append(cell)
         rows.append(cells)
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-    lines = [_aligned(header, widths), _aligned(["-" * w for w in widths], widths)]
-    lines += [_aligned(cells, widths) for cells in rows]
-    return "\n".join(lines) + "\n"
+    return plain_table(header, rows)
 
 
 def _check_store_exists(tracking_uri: str) -> None:
@@ -357,7 +355,3 @@ def _key_text(value: object) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
-
-
-def _aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()

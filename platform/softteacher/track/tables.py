@@ -26,6 +26,7 @@ from softteacher.track.mlflow_runs import (
     log_metrics,
     sanitize_key,
 )
+from softteacher.track.render import markdown_table, plain_table
 
 DEFAULT_METRICS = (TEACHER_AP, STUDENT_AP)
 _KEY_COLUMNS = ("ratio %", "method", "fg_thr", "var_thr", "folds")
@@ -124,19 +125,12 @@ def summarize(
 
 def format_table(summaries: Sequence[FoldSummary]) -> str:
     """Aligned plain text, one row per setting, ``mean +- std`` cells."""
-    header, rows = _header(summaries), [_row_cells(s) for s in summaries]
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-    lines = [_aligned(header, widths), _aligned(["-" * w for w in widths], widths)]
-    lines += [_aligned(row, widths) for row in rows]
-    return "\n".join(lines) + "\n"
+    return plain_table(_header(summaries), [_row_cells(s) for s in summaries])
 
 
 def format_markdown(summaries: Sequence[FoldSummary]) -> str:
     """The same table as GitHub Markdown, for the sweep's README or MLflow's artifact view."""
-    header = _header(summaries)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_row_cells(s)) + " |" for s in summaries]
-    return "\n".join(lines) + "\n"
+    return markdown_table(_header(summaries), [_row_cells(s) for s in summaries])
 
 
 def write_tables(
@@ -226,10 +220,6 @@ def _row_cells(s: FoldSummary) -> list[str]:
             cell += f" (seeds {s.seed_stds[metric]:.2f})"
         cells.append(cell)
     return cells
-
-
-def _aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
 
 
 def _csv_text(summaries: Sequence[FoldSummary]) -> str:

@@ -32,6 +32,7 @@ from softteacher.track.mlflow_runs import (
     log_file_artifact,
     resume_parent_run,
 )
+from softteacher.track.render import markdown_table, plain_table
 from softteacher.train.checkpoint import CheckpointError, checkpoint_step
 from softteacher.tune.grid import PROJECT_ROOT, SweepSettings, TrialSpec
 from softteacher.tune.sweep import FinishedTrial, run_sweep
@@ -403,12 +404,8 @@ def format_ablation_table(
     wall_s: float | None = None,
 ) -> str:
     """Aligned text as the paper prints it (one decimal), ours then the paper's figures."""
-    header, cells = _header(table), [_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
-    lines = [_title(table, settings, wall_s), _aligned(header, widths)]
-    lines.append(_aligned(["-" * w for w in widths], widths))
-    lines += [_aligned(line, widths) for line in cells]
-    return "\n".join(lines) + "\n"
+    body = plain_table(_header(table), [_cells(r) for r in rows])
+    return f"{_title(table, settings, wall_s)}\n{body}"
 
 
 def format_ablation_markdown(
@@ -417,11 +414,8 @@ def format_ablation_markdown(
     settings: AblationSettings | None = None,
     wall_s: float | None = None,
 ) -> str:
-    header = _header(table)
-    lines = [f"**{_title(table, settings, wall_s)}**", "", "| " + " | ".join(header) + " |"]
-    lines.append("|" + "---|" * len(header))
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    body = markdown_table(_header(table), [_cells(r) for r in rows])
+    return f"**{_title(table, settings, wall_s)}**\n\n{body}"
 
 
 def ablation_csv(table: AblationTable, rows: Sequence[RowResult]) -> str:
@@ -510,7 +504,3 @@ def _ours(result: RowResult, metric: str) -> float | None:
         return None
     value = float(result.metrics[metric])
     return value if math.isfinite(value) else None
-
-
-def _aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
