@@ -35,14 +35,30 @@ class TrialSpec:
 
     @property
     def name(self) -> str:
+        """The trial's identity in file, run and MLflow names: ``r10-f1-supervised-...``."""
         name = f"r{self.ratio:g}-f{self.fold}-{self.method}-fg{self.fg_thr:g}-var{self.var_thr:g}"
+        return name + "".join(f"-{short}" for short, _ in self._set_fields())
+
+    @property
+    def title(self) -> str:
+        """The trial as the terminal shows it: ``10% fold 1 supervised fg 0.7 var 0.02``."""
+        title = (
+            f"{self.ratio:g}% fold {self.fold} {self.method} "
+            f"fg {self.fg_thr:g} var {self.var_thr:g}"
+        )
+        return title + "".join(f" {long}" for _, long in self._set_fields())
+
+    def _set_fields(self) -> list[tuple[str, str]]:
+        """The optional fields this trial sets, short and long: the rows of the indicator,
+        n_jitter and seed sweeps differ only there."""
+        fields = []
         if self.indicator is not None:
-            name += f"-{self.indicator}"
+            fields.append((self.indicator, f"indicator {self.indicator}"))
         if self.n_jitter is not None:
-            name += f"-nj{self.n_jitter}"
+            fields.append((f"nj{self.n_jitter}", f"n_jitter {self.n_jitter}"))
         if self.seed is not None:
-            name += f"-s{self.seed}"
-        return name
+            fields.append((f"s{self.seed}", f"seed {self.seed}"))
+        return fields
 
     def apply(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """The paper's foreground threshold serves the classification and RPN pseudo boxes."""

@@ -83,18 +83,4 @@ def _error_line(trial) -> str:
 
 def trial_name(trial) -> str:
     job = trial.config.get("job")
-    if job is None:
-        return trial.trial_id
-    point = job.point
-    name = (
-        f"{point.ratio:g}% fold {point.fold} {point.method} "
-        f"fg {point.fg_thr:g} var {point.var_thr:g}"
-    )
-    # the rows of the indicator and n_jitter ablations differ only here
-    if point.indicator is not None:
-        name += f" indicator {point.indicator}"
-    if point.n_jitter is not None:
-        name += f" n_jitter {point.n_jitter}"
-    if point.seed is not None:
-        name += f" seed {point.seed}"
-    return name
+    return trial.trial_id if job is None else job.point.title
