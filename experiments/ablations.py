@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from softteacher.config import PRESETS
 from softteacher.preflight import INPUT_ERRORS, check_ablations, exit_on_usage_error
+from softteacher.presets import PRESETS
 from softteacher.tune.ablations import (
     TABLES,
     AblationError,

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from softteacher.config import ExperimentConfig, preset
+from softteacher.config import ExperimentConfig
 from softteacher.data.protocol import synthetic_folds
 from softteacher.data.shards import write_shards
+from softteacher.presets import preset
 from softteacher.run.local import local_step_batches, run_single_process
 from softteacher.train.checkpoint import load_weights
 from softteacher.train.trainer import SoftTeacherTrainer

@@ -17,9 +17,10 @@ from pathlib import Path
 import ray
 from mlflow.tracking import MlflowClient
 
-from softteacher.config import ExperimentConfig, preset
+from softteacher.config import ExperimentConfig
 from softteacher.data.protocol import synthetic_folds
 from softteacher.data.shards import write_shards
+from softteacher.presets import preset
 from softteacher.run.fit import run
 from softteacher.run.local import run_single_process
 from softteacher.run.spec import RunSpec, WorkerResources

@@ -17,8 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from softteacher.config import METHODS, PRESETS
+from softteacher.config import METHODS
 from softteacher.preflight import INPUT_ERRORS, check_sweep, exit_on_usage_error
+from softteacher.presets import PRESETS
 from softteacher.tune.cluster import default_preset_and_resources, start_or_join
 from softteacher.tune.grid import SweepSettings
 from softteacher.tune.sweep import run_sweep

@@ -12,9 +12,9 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import pytest  # noqa: E402
 import ray  # noqa: E402
 
-from softteacher.config import preset  # noqa: E402
 from softteacher.data.protocol import FoldData, synthetic_folds  # noqa: E402
 from softteacher.data.shards import ShardSet, write_shards  # noqa: E402
+from softteacher.presets import preset  # noqa: E402
 
 RAY_TEST_CPUS = 4
 

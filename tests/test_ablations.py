@@ -13,9 +13,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from softteacher.config import preset
 from softteacher.data.coco import load_coco
 from softteacher.data.protocol import synthetic_folds
+from softteacher.presets import preset
 from softteacher.run.spec import WorkerResources
 from softteacher.track.tables import summarize
 from softteacher.train.checkpoint import save_checkpoint

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from softteacher.config import preset
 from softteacher.eval.inference import load_detector
+from softteacher.presets import preset
 from softteacher.train.checkpoint import (
     BRANCH_POINT_DIR,
     CHECKPOINT_FILE,

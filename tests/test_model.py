@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
-from softteacher.config import METHODS, MethodConfig, preset
+from softteacher.config import METHODS, MethodConfig
 from softteacher.data.collate import DetectionBatch, UnlabeledBatch
 from softteacher.kernels import box_jitter_variance, jitter_boxes
 from softteacher.model import pseudo_labels
@@ -22,6 +22,7 @@ from softteacher.model.pseudo_labels import (
     teacher_background_prob,
 )
 from softteacher.model.soft_teacher import StudentLosses, rpn_ignoring_uncertain
+from softteacher.presets import preset
 from softteacher.train.loop import LoopHooks, fit
 from softteacher.train.trainer import NonFiniteLossError, SoftTeacherTrainer
 

@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
-from softteacher.config import MethodConfig, preset
+from softteacher.config import MethodConfig
 from softteacher.data.coco import load_coco
 from softteacher.data.protocol import synthetic_folds
+from softteacher.presets import preset
 from softteacher.run.local import run_single_process
 from softteacher.run.offline_labels import (
     PseudoLabelError,

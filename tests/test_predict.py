@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from softteacher.config import preset
 from softteacher.data.protocol import synthetic_folds
 from softteacher.eval.inference import (
     RunArtifactError,
@@ -32,6 +31,7 @@ from softteacher.eval.overlays import (
     overlay_artifacts,
     side_by_side,
 )
+from softteacher.presets import preset
 from softteacher.track.mlflow_runs import (
     find_or_start_child_run,
     log_json_artifact,

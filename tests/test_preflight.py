@@ -15,7 +15,7 @@ import ray
 import torch
 
 from softteacher import preflight
-from softteacher.config import MethodConfig, apply_overrides, preset
+from softteacher.config import MethodConfig, apply_overrides
 from softteacher.data.coco import CocoFormatError, CocoSummary
 from softteacher.preflight import (
     UsageError,
@@ -29,6 +29,7 @@ from softteacher.preflight import (
     check_thresholds,
     coco_class_override,
 )
+from softteacher.presets import preset
 from softteacher.run.spec import WorkerResources
 from softteacher.train.checkpoint import save_checkpoint
 from softteacher.train.trainer import SoftTeacherTrainer

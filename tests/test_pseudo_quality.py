@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from softteacher.config import preset
 from softteacher.data.protocol import synthetic_folds
 from softteacher.eval import pseudo_quality
 from softteacher.eval.pseudo_quality import (
@@ -25,6 +24,7 @@ from softteacher.eval.pseudo_quality import (
 )
 from softteacher.model.detector import build_detector
 from softteacher.model.pseudo_labels import TeacherView
+from softteacher.presets import preset
 
 NAN = float("nan")
 

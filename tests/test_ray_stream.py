@@ -14,12 +14,12 @@ import ray
 import ray.train
 import torch
 
-from softteacher.config import preset
 from softteacher.data.coco import load_coco
 from softteacher.data.ray_stream import RayRowStream
 from softteacher.data.rows import StreamPlan
 from softteacher.data.shards import write_shards
 from softteacher.data.steps import LocalRowStream
+from softteacher.presets import preset
 
 pytestmark = pytest.mark.ray
 AUGMENT = preset("smoke").augment

@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
-from softteacher.config import preset
+from softteacher.presets import preset
 from softteacher.run.fit import RunResult, run
 from softteacher.run.spec import RunSpec, WorkerResources
 from softteacher.track.mlflow_runs import RunRef, start_parent_run
@@ -100,7 +100,7 @@ LOCAL_MODE_RUN = """
 import sys
 from pathlib import Path
 import ray
-from softteacher.config import preset
+from softteacher.presets import preset
 from softteacher.data.protocol import synthetic_folds
 from softteacher.data.shards import write_shards
 from softteacher.run.fit import run

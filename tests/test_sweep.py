@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from softteacher.config import preset
+from softteacher.presets import preset
 from softteacher.run.spec import WorkerResources
 from softteacher.track.mlflow_runs import PARENT_TAG as PARENT
 from softteacher.tune.grid import SweepSettings, split_shared_burn_in
@@ -163,7 +163,7 @@ def test_seeds_replicate_every_trial_and_its_baseline():
 def test_a_preset_changed_in_code_names_a_new_sweep(monkeypatch):
     """Rerunning the same command resumes; after the preset changed it must not, or the
     resumed MLflow runs would keep the old params."""
-    import softteacher.config as config
+    import softteacher.presets as config
 
     before = SweepSettings(preset="smoke").name
     assert SweepSettings(preset="smoke").name == before

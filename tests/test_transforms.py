@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from softteacher.config import AugmentConfig, ExperimentConfig, preset
+from softteacher.config import AugmentConfig, ExperimentConfig
 from softteacher.data import transforms as T
 from softteacher.data.samples import ImageRecord, View
+from softteacher.presets import preset
 
 BACKGROUND = (40, 40, 40)
 OBJECT = (250, 30, 30)
