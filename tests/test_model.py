@@ -407,3 +407,15 @@ def test_roi_pooling_scales_do_not_depend_on_the_first_batch():
     assert pool.scales == [1 / 8, 1 / 16, 1 / 32]
     reference = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
     torch.testing.assert_close(sliced, reference(features, box, [(160, 160)]))
+
+
+def test_a_step_is_a_function_of_the_seed_and_the_step():
+    """Same seed: the same loss at every step (init, samplers, jitter); another seed: not."""
+
+    def losses(seed: int) -> list[float]:
+        cfg = _smoke(burn_in_steps=0).replace(train={"seed": seed})
+        trainer = SoftTeacherTrainer(cfg, torch.device("cpu"))
+        return [trainer.step(_labeled(0.5, n=1), _unlabeled(0.3, 0.7))["loss/total"] for _ in "ab"]
+
+    assert losses(0) == losses(0)
+    assert losses(1) != losses(0)

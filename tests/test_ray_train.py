@@ -77,23 +77,21 @@ def _comparable(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def test_same_seed_same_run_on_a_busy_machine_and_after_a_stop(ray_cluster, smoke_fold, tmp_path):
-    """One seed, three ways: uninterrupted; again with another process hogging a core; and
-    stopped at step 5, then resumed from its checkpoint (the same run name) to step 8."""
+    """One seed, two ways: uninterrupted on a quiet machine; and, with another process
+    hogging a core, stopped at step 5 and resumed from its checkpoint (the same run name)."""
     first, losses, _ = _run(smoke_fold, tmp_path, "a")
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        second, again, _ = _run(smoke_fold, tmp_path, "b")
+        part, head, _ = _run(smoke_fold, tmp_path, "resumed", max_steps=5)
+        rest, resumed, _ = _run(smoke_fold, tmp_path, "resumed")
     finally:
         hog.kill()
-    part, head, _ = _run(smoke_fold, tmp_path, "resumed", max_steps=5)
-    rest, resumed, _ = _run(smoke_fold, tmp_path, "resumed")
 
     assert len(losses) == 8 and len(set(losses)) > 1
-    assert again == losses
-    assert head == losses[:5] and head + resumed == losses  # resumed logs steps 6-8 only
-    assert part.checkpoint is not None
-    assert _weights_digest(first) == _weights_digest(second) == _weights_digest(rest)
-    assert _comparable(first.metrics) == _comparable(second.metrics) == _comparable(rest.metrics)
+    assert part.checkpoint is not None and head == losses[:5]
+    assert head + resumed == losses  # the resumed run logs steps 6-8 only
+    assert _weights_digest(first) == _weights_digest(rest)
+    assert _comparable(first.metrics) == _comparable(rest.metrics)
 
 
 LOCAL_MODE_RUN = """
