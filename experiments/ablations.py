@@ -20,13 +20,8 @@ from pathlib import Path
 
 from softteacher.preflight import INPUT_ERRORS, check_ablations, exit_on_usage_error
 from softteacher.presets import PRESETS
-from softteacher.tune.ablations import (
-    TABLES,
-    AblationError,
-    AblationSettings,
-    run_ablations,
-    select_tables,
-)
+from softteacher.tune.ablation_tables import TABLES, AblationError
+from softteacher.tune.ablations import AblationSettings, run_ablations, select_tables
 from softteacher.tune.cluster import default_preset_and_resources, start_or_join
 
 

@@ -21,9 +21,8 @@ from softteacher.track.tables import summarize
 from softteacher.train.checkpoint import save_checkpoint
 from softteacher.train.trainer import SoftTeacherTrainer
 from softteacher.tune import sweep
+from softteacher.tune.ablation_tables import TABLES, AblationError
 from softteacher.tune.ablations import (
-    TABLES,
-    AblationError,
     AblationSettings,
     collect_rows,
     format_ablation_markdown,

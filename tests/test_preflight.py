@@ -33,7 +33,8 @@ from softteacher.presets import preset
 from softteacher.run.spec import WorkerResources
 from softteacher.train.checkpoint import save_checkpoint
 from softteacher.train.trainer import SoftTeacherTrainer
-from softteacher.tune.ablations import TABLES, AblationSettings
+from softteacher.tune.ablation_tables import TABLES
+from softteacher.tune.ablations import AblationSettings
 from softteacher.tune.grid import SweepSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,8 @@ from softteacher.data.folds import FoldError
 from softteacher.data.protocol import DatasetLayoutError, coco_root_summary
 from softteacher.run.spec import WorkerResources
 from softteacher.train.checkpoint import CheckpointError
-from softteacher.tune.ablations import AblationSettings, AblationTable
+from softteacher.tune.ablation_tables import AblationTable
+from softteacher.tune.ablations import AblationSettings
 from softteacher.tune.grid import SweepSettings, TrialSpec, split_shared_burn_in
 
 FOLDS = range(1, 6)  # the STAC protocol's five folds

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 import numpy as np
@@ -95,9 +95,10 @@ class StreamPlan:
         return epochs, rows
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The shard rows of one epoch, in the order the stream visits them."""
-        rng = np.random.default_rng((_nonnegative(self.seed), STREAM_IDS[self.stream], epoch))
-        return rng.permutation(self.num_images)
+        """The shard rows of one epoch, in the order the stream visits them (drawn once an
+        epoch: a segment of rows asks for it again, and COCO has 118k images to permute)."""
+        stream_id = STREAM_IDS[self.stream]
+        return _epoch_order(_nonnegative(self.seed), stream_id, epoch, self.num_images)
 
     def row_generator(self, epoch: int, image_id: int) -> np.random.Generator:
         """The generator of one row's augmentation draws: content, not scheduling."""
@@ -252,6 +253,13 @@ def unlabeled_samples(batch: pa.Table) -> list[UnlabeledSample]:
 def _pixels(data: bytes, height: int, width: int) -> np.ndarray:
     # A writable copy: torch.from_numpy warns on (and must not share) a read-only buffer.
     return np.frombuffer(bytearray(data), dtype=np.uint8).reshape(height, width, 3)
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, stream_id: int, epoch: int, num_images: int) -> np.ndarray:
+    order = np.random.default_rng((seed, stream_id, epoch)).permutation(num_images)
+    order.flags.writeable = False  # shared by every caller of the cache
+    return order
 
 
 def _nonnegative(seed: int) -> int:
