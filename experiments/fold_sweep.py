@@ -4,6 +4,8 @@ python experiments/fold_sweep.py --ratios 1,5,10
 python experiments/fold_sweep.py --preset smoke --ratios 10 --folds 1 --baseline
 python experiments/fold_sweep.py --coco-root /data/coco --preset paper \
         --workers 8 --gpus-per-worker 1
+python experiments/fold_sweep.py --ratios 10 --folds 1 --fg-thr 0.5,0.7,0.9 \
+        --var-thr 0.01,0.02,0.05 --scheduler asha --set train.eval_every=75
 python experiments/fold_sweep.py --preset smoke --set method.unsup_weight=1 \
         --set optim.decay_steps=8,10
 
@@ -21,7 +23,7 @@ from softteacher.config import METHODS
 from softteacher.preflight import INPUT_ERRORS, check_sweep, exit_on_usage_error
 from softteacher.presets import PRESETS
 from softteacher.tune.cluster import default_preset_and_resources, start_or_join
-from softteacher.tune.grid import SweepSettings
+from softteacher.tune.grid import EarlyStopping, SweepSettings
 from softteacher.tune.sweep import run_sweep
 
 
@@ -82,7 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a COCO 2017 layout (train2017/, val2017/, annotations/); default: synthetic",
     )
     parser.add_argument(
-        "--workers", type=int, default=1, help="Ray Train workers per trial (0: local mode)"
+        "--workers",
+        type=int,
+        default=None,
+        help="Ray Train workers per trial; 0: one worker in the trial's own process, the "
+        "same loop, checkpoints and resume without a worker group's start-up (default: 0 "
+        "on CPU, 1 with a GPU)",
     )
     parser.add_argument("--cpus-per-worker", type=float, default=None)
     parser.add_argument("--gpus-per-worker", type=float, default=None)
@@ -93,6 +100,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-steps", type=int, default=None, help="override the preset's schedule length"
     )
     parser.add_argument("--ckpt-every", type=int, default=None)
+    parser.add_argument(
+        "--scheduler",
+        choices=("fifo", "asha"),
+        default="fifo",
+        help="asha: stop threshold-sweep trials whose teacher mAP trails their rung "
+        "(one ratio and fold; with --baseline, needs --shared-burn-in)",
+    )
+    parser.add_argument(
+        "--grace-steps",
+        type=int,
+        default=None,
+        help="ASHA's first rung, in steps a trial trained (default: the preset's eval_every)",
+    )
+    parser.add_argument(
+        "--reduction-factor", type=int, default=2, help="ASHA keeps 1/N of a rung's trials"
+    )
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument(
         "--seed", type=int, default=None, help="the runs' seed (default: the preset's, 0)"
@@ -159,7 +182,19 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         overrides=overrides,
         experiment_name=args.experiment,
         sweep_name=args.name,
+        early_stopping=_early_stopping(args, preset_name, overrides),
     )
+
+
+def _early_stopping(
+    args: argparse.Namespace, preset_name: str, overrides: tuple[str, ...]
+) -> EarlyStopping | None:
+    if args.scheduler != "asha":
+        return None
+    eval_every = (
+        SweepSettings(preset=preset_name, overrides=overrides).base_config().train.eval_every
+    )
+    return EarlyStopping(args.grace_steps or eval_every, args.reduction_factor)
 
 
 def main(argv: list[str] | None = None) -> None:

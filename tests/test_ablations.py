@@ -38,17 +38,29 @@ def test_tables_hold_the_papers_rows_and_figures():
     assert list(TABLES) == ["table6", "table7", "table8", "table9", "table10"]
     table6 = TABLES["table6"]
     assert [r.method for r in table6.rows] == [
-        "supervised", "multi_stage", "e2e", "e2e_ema", "soft_teacher", "soft_teacher_jitter"
+        "supervised",
+        "multi_stage",
+        "e2e",
+        "e2e_ema",
+        "soft_teacher",
+        "soft_teacher_jitter",
     ]
     assert [r.paper.mAP for r in table6.rows] == [27.1, 28.7, 30.0, 31.2, 33.6, 34.2]
     assert [r.indicator for r in TABLES["table7"].rows] == [
-        "none", "iou", "reverse_iou", "pred_diff", "bg_student", "bg_teacher"
+        "none",
+        "iou",
+        "reverse_iou",
+        "pred_diff",
+        "bg_student",
+        "bg_teacher",
     ]
     assert [r.paper.mAP for r in TABLES["table7"].rows] == [31.2, 31.7, 31.6, 32.3, 25.9, 33.6]
     assert [r.fg_thr for r in TABLES["table8"].rows] == [0.7, 0.8, 0.9, 0.95]
     assert sorted(r.var_thr for r in TABLES["table9"].rows) == [0.01, 0.02, 0.03, 0.04]
     assert [(r.n_jitter, r.paper.AP75) for r in TABLES["table10"].rows] == [
-        (5, 37.0), (10, 37.3), (15, 37.4)
+        (5, 37.0),
+        (10, 37.3),
+        (15, 37.4),
     ]
 
 
@@ -100,7 +112,6 @@ def test_table_files_of_other_folds_and_schedules_never_overwrite_each_other():
     assert stems[-1] == "ablations_table6_bench_r10_f1_e2e"
 
 
-
 def test_rows_branch_off_a_given_burn_in_checkpoint_except_multi_stage(tmp_path):
     smoke = preset("smoke")
     trainer = SoftTeacherTrainer(smoke, torch.device("cpu"))
@@ -125,11 +136,13 @@ def test_rows_branch_off_a_given_burn_in_checkpoint_except_multi_stage(tmp_path)
     with pytest.raises(AblationError, match="choose one"):
         AblationSettings(shared_burn_in=True, branch_from=str(tmp_path))
 
+
 def test_select_tables_filters_tables_and_rows_and_names_mistakes():
     assert [t.key for t in select_tables(None)] == list(TABLES)
     chosen = select_tables("table8,table6", "multi_stage,0.9")
     assert [(t.key, [r.key for r in t.rows]) for t in chosen] == [
-        ("table6", ["multi_stage"]), ("table8", ["0.9"])
+        ("table6", ["multi_stage"]),
+        ("table8", ["0.9"]),
     ]
     with pytest.raises(AblationError, match="unknown table"):
         select_tables("table11")
@@ -142,8 +155,12 @@ def _finished(settings, table, values) -> list[FinishedTrial]:
     trials = []
     for spec, value in zip(settings.specs(table), values):
         if value is not None:
-            metrics = {"teacher/AP": value, "teacher/AP50": value + 20.0,
-                       "teacher/AP75": math.nan, "student/AP": 1.0}
+            metrics = {
+                "teacher/AP": value,
+                "teacher/AP50": value + 20.0,
+                "teacher/AP75": math.nan,
+                "student/AP": 1.0,
+            }
             trials.append(FinishedTrial(spec, metrics))
     return trials
 
@@ -156,8 +173,18 @@ def test_table_prints_ours_beside_the_papers_and_marks_missing_rows(tmp_path):
     text = format_ablation_table(table, rows, settings, wall_s=90.0)
     lines = text.splitlines()
     assert "Table 7" in lines[0] and "1.5 min" in lines[0]
-    assert lines[1].split() == ["indicator", "mAP", "AP50", "AP75", "paper", "mAP", "paper",
-                                "AP50", "paper", "AP75"]
+    assert lines[1].split() == [
+        "indicator",
+        "mAP",
+        "AP50",
+        "AP75",
+        "paper",
+        "mAP",
+        "paper",
+        "AP50",
+        "paper",
+        "AP75",
+    ]
     assert lines[3].split() == ["w/o", "weight", "12.3", "32.3", "-", "31.2", "48.8", "34.0"]
     assert lines[4].split() == ["IoU", "-", "-", "-", "31.7", "51.4", "34.2"]  # did not finish
     assert lines[8].split()[0] == "BG-T"
@@ -184,11 +211,17 @@ def test_sweep_table_keeps_indicator_and_jitter_rows_apart():
         finished = _finished(settings, table, [1.0] * len(table.rows))
         summaries = summarize([sweep.table_row(t) for t in finished])
         assert len(summaries) == len(table.rows)
-    labels = {s.method for s in summarize(
-        [sweep.table_row(t) for t in _finished(settings, TABLES["table10"], [1.0] * 3)]
-    )}
-    assert labels == {"soft_teacher_jitter+nj5", "soft_teacher_jitter+nj10",
-                      "soft_teacher_jitter+nj15"}
+    labels = {
+        s.method
+        for s in summarize(
+            [sweep.table_row(t) for t in _finished(settings, TABLES["table10"], [1.0] * 3)]
+        )
+    }
+    assert labels == {
+        "soft_teacher_jitter+nj5",
+        "soft_teacher_jitter+nj10",
+        "soft_teacher_jitter+nj15",
+    }
 
 
 @pytest.mark.ray

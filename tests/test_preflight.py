@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- the config's own checks -------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("section", "changes", "message"),
     [
@@ -72,6 +73,7 @@ def test_jitter_count_matters_only_with_jitter():
 
 
 # --- --set overrides ---------------------------------------------------------------------
+
 
 def test_overrides_parse_by_the_field_s_type():
     cfg = apply_overrides(
@@ -129,9 +131,10 @@ def test_sweep_overrides_come_last_and_name_the_sweep():
     tuned = SweepSettings(preset="smoke", max_steps=5, overrides=("train.max_steps=7",))
     assert plain.base_config().train.max_steps == 5 and tuned.base_config().train.max_steps == 7
     assert tuned.name != plain.name
-    assert tuned.name == SweepSettings(
-        preset="smoke", max_steps=5, overrides=("train.max_steps=7",)
-    ).name
+    assert (
+        tuned.name
+        == SweepSettings(preset="smoke", max_steps=5, overrides=("train.max_steps=7",)).name
+    )
     other = SweepSettings(preset="smoke", max_steps=5, overrides=("method.unsup_weight=1",))
     assert len({plain.name, tuned.name, other.name}) == 3
 
@@ -148,6 +151,7 @@ def test_ablation_overrides_reach_rows_and_names():
 
 
 # --- the pre-flight checks, one by one ---------------------------------------------------
+
 
 def test_ratio_checks():
     check_ratios("--ratios", [0.5, 10, 100], ["supervised"])
@@ -221,6 +225,7 @@ def test_the_detector_class_count_comes_from_the_dataset(tmp_path):
 
 # --- the CLIs: exit status 2 and one line, before any cluster ----------------------------
 
+
 def _load_cli(name: str) -> ModuleType:
     path = ROOT / "experiments" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"{name}_cli", path)
@@ -248,8 +253,15 @@ def run_cli(clis, monkeypatch, capsys, tmp_path):
         monkeypatch.setattr(module, "start_or_join", no_cluster)
         connected = ray.is_initialized()  # the suite's shared loopback cluster may be up
         with pytest.raises(SystemExit) as exit_info:
-            module.main(["--results-dir", str(tmp_path / "results"),
-                         "--data-dir", str(tmp_path / "data"), *argv])
+            module.main(
+                [
+                    "--results-dir",
+                    str(tmp_path / "results"),
+                    "--data-dir",
+                    str(tmp_path / "data"),
+                    *argv,
+                ]
+            )
         assert ray.is_initialized() == connected
         return exit_info.value.code, capsys.readouterr().err
 
@@ -306,8 +318,17 @@ def test_ablations_report_bad_input_before_the_cluster(run_cli, argv, message):
 def test_a_supervised_only_ablation_may_label_every_image(run_cli):
     """100% passes for the supervised row alone: what stops this run is a later check."""
     code, err = run_cli(
-        "ablations", "--preset", "smoke", "--only", "table6", "--rows", "supervised",
-        "--ratio", "100", "--set", "method.method=e2e",
+        "ablations",
+        "--preset",
+        "smoke",
+        "--only",
+        "table6",
+        "--rows",
+        "supervised",
+        "--ratio",
+        "100",
+        "--set",
+        "method.method=e2e",
     )
     assert code == 2 and "error: --set method.method: trial r100-f1-supervised" in err
 
@@ -341,11 +362,16 @@ def test_help_runs_without_a_cluster(clis, capsys):
 
 # --- --coco-root: the layout, the categories, the class count ----------------------------
 
+
 def _coco(num_images: int, names: tuple[str, ...] = ("circle", "square")) -> dict:
-    images = [{"id": i, "file_name": f"{i}.jpg", "width": 50, "height": 40}
-              for i in range(1, num_images + 1)]
-    annotations = [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]}
-                   for i in range(1, num_images + 1)]
+    images = [
+        {"id": i, "file_name": f"{i}.jpg", "width": 50, "height": 40}
+        for i in range(1, num_images + 1)
+    ]
+    annotations = [
+        {"id": i, "image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]}
+        for i in range(1, num_images + 1)
+    ]
     categories = [{"id": i, "name": name} for i, name in enumerate(names, start=1)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -355,9 +381,7 @@ def _coco_root(tmp_path: Path, val_names: tuple[str, ...] = ("circle", "square")
     for folder in ("train2017", "val2017", "annotations"):
         (root / folder).mkdir(parents=True)
     (root / "annotations" / "instances_train2017.json").write_text(json.dumps(_coco(50)))
-    (root / "annotations" / "instances_val2017.json").write_text(
-        json.dumps(_coco(5, val_names))
-    )
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(_coco(5, val_names)))
     return root
 
 
@@ -379,8 +403,9 @@ def test_a_coco_root_sets_the_detector_s_class_count(tmp_path, capsys, monkeypat
 
 
 def _sweep_on(run_cli, root: Path, *argv: str) -> tuple[int, str]:
-    return run_cli("fold_sweep", "--preset", "smoke", "--ratios", "10", "--coco-root", str(root),
-                   *argv)
+    return run_cli(
+        "fold_sweep", "--preset", "smoke", "--ratios", "10", "--coco-root", str(root), *argv
+    )
 
 
 def test_a_coco_root_lacking_parts_names_them(run_cli, tmp_path):

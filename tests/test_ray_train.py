@@ -1,6 +1,6 @@
 """Ray Train on loopback: a run is reproducible (same seed, same losses and weights, even
-with the CPU contended, and after a stop and resume), local mode runs the same loop, and two
-simulated nodes each get one worker of a 2-worker run."""
+with the CPU contended, and after a stop and resume), the in-process runner is the same run
+(and resumes the same way), and two simulated nodes each get one worker of a 2-worker run."""
 
 from __future__ import annotations
 
@@ -93,41 +93,19 @@ def test_same_seed_same_run_on_a_busy_machine_and_after_a_stop(ray_cluster, smok
     assert _weights_digest(first) == _weights_digest(rest)
     assert _comparable(first.metrics) == _comparable(rest.metrics)
 
-
-LOCAL_MODE_RUN = """
-import sys
-from pathlib import Path
-import ray
-from softteacher.presets import preset
-from softteacher.data.protocol import synthetic_folds
-from softteacher.data.shards import write_shards
-from softteacher.run.fit import run
-from softteacher.run.spec import RunSpec, WorkerResources
-root = Path(sys.argv[1])
-cfg = preset("smoke").replace(train={"max_steps": 3, "ckpt_every": 3, "eval_every": 3})
-fold = synthetic_folds(root, cfg.synthetic, [10], [1])[0]
-labeled, unlabeled, _ = fold.load()
-ray.init(num_cpus=4, include_dashboard=False)
-spec = RunSpec(
-    cfg, fold, write_shards(labeled, root / "s"), write_shards(unlabeled, root / "s"),
-    name="local", storage_path=str(root / "t"), resources=WorkerResources(num_workers=0),
-)
-result = run(spec)
-print("checkpoint", result.checkpoint is not None, "teacher/AP" in result.metrics)
-"""
-
-
-def test_local_mode_runs_the_same_loop_in_process(tmp_path):
-    # A fresh interpreter: local mode trains inside the driver process, and a driver that
-    # already started and stopped Ray sessions (the other tests) aborted when it did.
-    done = subprocess.run(
-        [sys.executable, "-c", LOCAL_MODE_RUN, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "checkpoint True True" in done.stdout
+    # The same run with its one worker in this process, stopped at step 5 and resumed.
+    threads = torch.get_num_threads()
+    try:
+        in_process = WorkerResources(num_workers=0, cpus_per_worker=1)
+        part, head, _ = _run(smoke_fold, tmp_path, "in-process", max_steps=5, resources=in_process)
+        kept = sorted(p.name for p in (tmp_path / "train" / "in-process").glob("checkpoint_*"))
+        rest, resumed, _ = _run(smoke_fold, tmp_path, "in-process", resources=in_process)
+    finally:
+        torch.set_num_threads(threads)
+    assert kept == ["checkpoint_000000004", "checkpoint_000000005"]
+    assert head + resumed == losses
+    assert _weights_digest(first) == _weights_digest(rest)
+    assert _comparable(first.metrics) == _comparable(rest.metrics)
 
 
 def test_two_workers_spread_over_two_nodes(smoke_fold, tmp_path):

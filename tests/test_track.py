@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -20,6 +21,7 @@ from softteacher.track.mlflow_runs import (
     RunRef,
     TrackingError,
     default_tracking_uri,
+    find_child_run,
     find_or_start_child_run,
     finish_run,
     git_commit,
@@ -375,3 +377,22 @@ def test_table_is_logged_to_the_parent_run(tmp_path, store_dir, uri, experiment)
         "fold_table.json",
         "fold_table.md",
     ]
+
+
+def test_stopped_trials_are_counted_apart_and_never_averaged_in(tmp_path):
+    stopped = dataclasses.replace(_result(3, 2.0, 1.0), stopped_at=150)
+    (summary,) = summarize([_result(1, 30.0, 29.0), _result(2, 32.0, 31.0), stopped])
+    assert summary.folds == (1, 2) and summary.n_stopped == 1
+    assert summary.means["teacher/AP"] == pytest.approx(31.0)
+    assert "stopped early" in format_table([summary])
+    paths = write_tables([summary], tmp_path)
+    with paths["csv"].open() as handle:
+        assert next(csv.DictReader(handle))["n_stopped"] == "1"
+    assert "stopped early" not in format_table(summarize([_result(1, 30.0, 29.0)]))
+
+
+def test_find_child_run_by_name(uri, experiment):
+    parent = start_parent_run(uri, experiment, "sweep", {})
+    assert find_child_run(parent, "r10-f1") is None
+    child = find_or_start_child_run(parent, "r10-f1", params={})
+    assert find_child_run(parent, "r10-f1") == child

@@ -20,3 +20,6 @@ FINAL_PREFIX = "final/"  # the final metrics of a trial's MLflow run: ``final/te
 LOSS_TOTAL = "loss/total"
 IMAGES_PER_S = "images_per_s"
 EVAL_STEP = "eval_step"
+# Steps a trial has trained up to its latest evaluation (from its branch point when it
+# branched): the clock an early-stopping scheduler compares trials on.
+TRAINED_STEPS = "trained_steps"

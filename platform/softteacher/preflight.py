@@ -84,6 +84,8 @@ def check_sweep(settings: SweepSettings, address: str | None) -> SweepSettings:
     )
     if settings.shared_burn_in:
         split_shared_burn_in(specs, base)  # a burn-in to share
+    if settings.early_stopping is not None:
+        settings.early_stopping.check(settings)
     return settings
 
 
@@ -170,7 +172,7 @@ def check_resources(
     """Resources no trial could get would leave every trial pending for ever."""
     if resources.num_workers < 0:
         raise UsageError(
-            f"--workers {resources.num_workers}: must be >= 0 (0: Ray Train's local mode)"
+            f"--workers {resources.num_workers}: must be >= 0 (0: the trial's own process)"
         )
     if not resources.cpus_per_worker > 0:
         raise UsageError(

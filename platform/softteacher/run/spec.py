@@ -18,13 +18,24 @@ from softteacher.track.mlflow_runs import RunRef
 
 @dataclass(frozen=True)
 class WorkerResources:
-    """How a run is spread: ``num_workers=0`` is Ray Train's local mode (in-process)."""
+    """How a run is spread: ``num_workers`` ``TorchTrainer`` workers, or with 0 one worker
+    in the calling process (``run/session.py``: the same loop, checkpoints and resume,
+    without a worker group to start)."""
 
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 2
     placement_strategy: str = "PACK"
+
+    @property
+    def in_process(self) -> bool:
+        return self.num_workers == 0
+
+    @property
+    def worker_count(self) -> int:
+        """Workers that train: an in-process run is one."""
+        return max(1, self.num_workers)
 
     @property
     def threads_per_worker(self) -> int:

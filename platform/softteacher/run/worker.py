@@ -1,8 +1,9 @@
-"""The Ray Train side of a run: ``train_loop_per_worker``.
+"""A run's worker loop: ``train_loop_per_worker`` under ``TorchTrainer``, the same loop in
+process through ``InProcessSession`` (``run/session.py``).
 
 Ray stays at the edges: the worker builds its data streams from the spec's shards at its
-checkpoint's data position, and metrics and checkpoints go out through ``ray.train.report``;
-the step and the loop are the ones the single-process runner uses.
+checkpoint's data position, and metrics and checkpoints go out through its session; the
+step and the loop are the ones the single-process runner uses.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint
 
 from softteacher.config import ExperimentConfig
 from softteacher.data.coco import CocoDataset, load_coco
@@ -22,6 +22,7 @@ from softteacher.data.rows import StreamPlan
 from softteacher.data.steps import StepBatches, start_positions
 from softteacher.eval.models import RunEvaluation, evaluate_run
 from softteacher.eval.overlays import overlay_artifacts
+from softteacher.run.session import RayTrainSession, RunSession, node_id
 from softteacher.run.spec import RunSpec
 from softteacher.track.mlflow_runs import (
     RunRef,
@@ -51,14 +52,19 @@ def fatal_error_file(spec: RunSpec) -> Path:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One worker of a run; an input error is recorded so that Ray Train's restarts of the
-    worker group stop at once instead of training to the same error again."""
-    spec: RunSpec = config["spec"]
+    """One ``TorchTrainer`` worker of a run."""
+    train_recording_input_errors(config["spec"], RayTrainSession())
+
+
+def train_recording_input_errors(spec: RunSpec, session: RunSession) -> None:
+    """Train; an input error is recorded so that restarts (Ray Train's of the worker
+    group, or the in-process runner's) stop at once instead of training to the same error
+    again."""
     marker = fatal_error_file(spec)
     if marker.is_file():
         raise RunInputError(marker.read_text().strip())
     try:
-        _train(spec)
+        _train(spec, session)
     except Exception as error:
         cause = _input_error(error)
         if cause is not None:
@@ -83,34 +89,27 @@ def _first_line(error: BaseException) -> str:
     return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
-def _train(spec: RunSpec) -> None:
-    """Resume from Ray's latest checkpoint, stream this worker's rows of the labeled and
-    unlabeled data, train, evaluate on rank 0, report."""
+def _train(spec: RunSpec, session: RunSession) -> None:
+    """Resume from the session's latest checkpoint, stream this worker's rows of the
+    labeled and unlabeled data, train, evaluate on rank 0, report."""
     cfg = spec.config
     torch.set_num_threads(spec.resources.threads_per_worker)
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    rank, world_size, device = session.rank, session.world_size, session.device
     is_rank_zero = rank == 0
-    device = ray.train.torch.get_device()
     if spec.tracking is not None:  # where each worker ran, for the user and the tests
-        node = ray.get_runtime_context().get_node_id()
-        set_tags(spec.tracking, {f"worker/{rank}/node_id": node})
+        set_tags(spec.tracking, {f"worker/{rank}/node_id": node_id()})
 
     wrap = _prepare_ddp if world_size > 1 else (lambda module: module)
     trainer = SoftTeacherTrainer(cfg, device, wrap_student=wrap, rank=rank)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            start = restore_start(trainer, Path(directory))
-    else:
-        start = restore_start(trainer, None)
+    with session.resume_dir() as directory:
+        start = restore_start(trainer, directory)
     position = start.get("data_position", {})
     batches = ray_step_batches(spec, rank, world_size, position, trainer.step_count, device)
     val, unlabeled = _eval_sets(spec) if is_rank_zero else (None, None)
     latest_eval: Metrics = {}
     latest_speed: Metrics = {}
 
-    gauges = ProgressGauges(context.get_experiment_name()) if is_rank_zero else None
+    gauges = ProgressGauges(session.experiment_name) if is_rank_zero else None
 
     def log(step: int, metrics: Metrics) -> None:
         if is_rank_zero and spec.tracking is not None:
@@ -120,7 +119,7 @@ def _train(spec: RunSpec) -> None:
         if "images_per_s" in metrics:
             latest_speed["images_per_s"] = metrics["images_per_s"]
         # Every worker reports at the same steps: a report is a barrier in Ray Train.
-        ray.train.report({"step": step, **latest_speed, **metrics, **latest_eval})
+        session.report({"step": step, **latest_speed, **metrics, **latest_eval})
 
     def evaluate(trainer: SoftTeacherTrainer) -> Metrics:
         if val is None:
@@ -136,14 +135,14 @@ def _train(spec: RunSpec) -> None:
         step = trainer.step_count
         report = {"step": step, **latest_speed, **latest_eval, "checkpoint_step": step}
         if not is_rank_zero:
-            ray.train.report(report)
+            session.report(report)
             return
         extra = {"data_position": batches.position()}
         if step == cfg.method.burn_in_steps:  # the branch point, kept beside Ray's rolling ones
             save_checkpoint(trainer, Path(spec.storage_path) / spec.name / BRANCH_POINT_DIR, extra)
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(trainer, Path(directory), extra)
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(directory))
+            session.report(report, checkpoint_dir=Path(directory))
 
     fit(trainer, batches, LoopHooks(log=log, evaluate=evaluate, checkpoint=save))
 

@@ -17,12 +17,12 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import DatasetInput, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -142,13 +142,7 @@ def find_or_start_child_run(
     is set RUNNING and gets the params it does not have yet.
     """
     client = _client(parent.tracking_uri)
-    existing = _search_all(
-        client,
-        parent.experiment_id,
-        f"tags.`{PARENT_TAG}` = {_quoted(parent.run_id)} "
-        f"and attributes.run_name = {_quoted(run_name)}",
-        order_by=["attributes.start_time ASC"],
-    )
+    existing = _child_runs(client, parent, run_name)
     finished = [run for run in existing if run.info.status == "FINISHED"]
     if finished:
         return RunRef(parent.tracking_uri, finished[0].info.run_id, parent.experiment_id)
@@ -164,6 +158,29 @@ def find_or_start_child_run(
     child = RunRef(parent.tracking_uri, run_id, parent.experiment_id)
     log_params(child, params)
     return child
+
+
+def find_child_run(parent: RunRef, run_name: str) -> RunRef | None:
+    """The latest child run of ``parent`` named ``run_name``, if any."""
+    existing = _child_runs(_client(parent.tracking_uri), parent, run_name)
+    if not existing:
+        return None
+    return RunRef(parent.tracking_uri, existing[-1].info.run_id, parent.experiment_id)
+
+
+def _child_runs(client: MlflowClient, parent: RunRef, run_name: str) -> list:
+    """``parent``'s children named ``run_name``, oldest first."""
+    return _search_all(
+        client,
+        parent.experiment_id,
+        f"tags.`{PARENT_TAG}` = {_quoted(parent.run_id)} "
+        f"and attributes.run_name = {_quoted(run_name)}",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def log_dataset_inputs(run: RunRef, inputs: Sequence[DatasetInput]) -> None:
+    _with_lock_retry(_client(run.tracking_uri).log_inputs, run.run_id, datasets=list(inputs))
 
 
 def log_params(run: RunRef, params: Mapping[str, object]) -> None:

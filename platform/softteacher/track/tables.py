@@ -47,6 +47,8 @@ class TrialResult:
     var_thr: float
     metrics: dict[str, float]
     seed: int | None = None  # None: the preset's
+    # an early-stopping scheduler ended it at this step: listed, never averaged in
+    stopped_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class FoldSummary:
     per_fold: dict[str, tuple[float | None, ...]]
     n_runs: int = 0
     seed_stds: dict[str, float] = field(default_factory=dict)
+    n_stopped: int = 0  # trials of this setting stopped early (left out of the means)
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -81,9 +84,13 @@ def summarize(
     are left out of the mean and std; a metric no fold has gets no mean and no std.
     """
     groups: dict[tuple[float, str, float, float], dict[tuple, TrialResult]] = {}
+    stopped: dict[tuple[float, str, float, float], int] = {}
     for result in results:
         key = (result.ratio, result.method, result.fg_thr, result.var_thr)
         runs = groups.setdefault(key, {})
+        if result.stopped_at is not None:
+            stopped[key] = stopped.get(key, 0) + 1
+            continue
         replicate = (result.fold, result.seed)
         if replicate in runs:
             seed = "" if result.seed is None else f" seed {result.seed}"
@@ -116,8 +123,18 @@ def summarize(
                 seed_stds[metric] = statistics.fmean(within)
         summaries.append(
             FoldSummary(
-                ratio, method, fg_thr, var_thr, len(folds), folds, means, stds, per_fold,
-                n_runs=len(runs), seed_stds=seed_stds,
+                ratio,
+                method,
+                fg_thr,
+                var_thr,
+                len(folds),
+                folds,
+                means,
+                stds,
+                per_fold,
+                n_runs=len(runs),
+                seed_stds=seed_stds,
+                n_stopped=stopped.get((ratio, method, fg_thr, var_thr), 0),
             )
         )
     return summaries
@@ -125,12 +142,14 @@ def summarize(
 
 def format_table(summaries: Sequence[FoldSummary]) -> str:
     """Aligned plain text, one row per setting, ``mean +- std`` cells."""
-    return plain_table(_header(summaries), [_row_cells(s) for s in summaries])
+    stopped = _any_stopped(summaries)
+    return plain_table(_header(summaries), [_row_cells(s, stopped) for s in summaries])
 
 
 def format_markdown(summaries: Sequence[FoldSummary]) -> str:
     """The same table as GitHub Markdown, for the sweep's README or MLflow's artifact view."""
-    return markdown_table(_header(summaries), [_row_cells(s) for s in summaries])
+    stopped = _any_stopped(summaries)
+    return markdown_table(_header(summaries), [_row_cells(s, stopped) for s in summaries])
 
 
 def write_tables(
@@ -202,7 +221,12 @@ def _column_title(metric: str) -> str:
 
 
 def _header(summaries: Sequence[FoldSummary]) -> list[str]:
-    return [*_KEY_COLUMNS, *(_column_title(m) for m in _metric_names(summaries))]
+    stopped = ["stopped early"] if _any_stopped(summaries) else []
+    return [*_KEY_COLUMNS, *stopped, *(_column_title(m) for m in _metric_names(summaries))]
+
+
+def _any_stopped(summaries: Sequence[FoldSummary]) -> bool:
+    return any(s.n_stopped for s in summaries)
 
 
 def _metric_names(summaries: Sequence[FoldSummary]) -> list[str]:
@@ -212,8 +236,10 @@ def _metric_names(summaries: Sequence[FoldSummary]) -> list[str]:
     return list(names)
 
 
-def _row_cells(s: FoldSummary) -> list[str]:
+def _row_cells(s: FoldSummary, with_stopped: bool) -> list[str]:
     cells = [f"{s.ratio:g}", s.method, f"{s.fg_thr:g}", f"{s.var_thr:g}", str(s.n_folds)]
+    if with_stopped:
+        cells.append(str(s.n_stopped))
     for metric in _metric_names([s]):
         cell = f"{s.means[metric]:.2f} +- {s.stds[metric]:.2f}" if metric in s.means else "-"
         if metric in s.seed_stds:
@@ -224,7 +250,7 @@ def _row_cells(s: FoldSummary) -> list[str]:
 
 def _csv_text(summaries: Sequence[FoldSummary]) -> str:
     metrics = _metric_names(summaries)
-    fields = ["ratio", "method", "fg_thr", "var_thr", "n_folds", "folds", "n_runs"]
+    fields = ["ratio", "method", "fg_thr", "var_thr", "n_folds", "folds", "n_runs", "n_stopped"]
     for metric in metrics:
         name = _flat_name(metric)
         fields += [f"{name}_mean", f"{name}_std", f"{name}_seed_std"]
@@ -240,6 +266,7 @@ def _csv_text(summaries: Sequence[FoldSummary]) -> str:
             "n_folds": s.n_folds,
             "folds": " ".join(str(f) for f in s.folds),
             "n_runs": s.n_runs,
+            "n_stopped": s.n_stopped,
         }
         for metric in metrics:
             row[f"{_flat_name(metric)}_mean"] = s.means.get(metric, "")
@@ -262,5 +289,6 @@ def _as_record(s: FoldSummary) -> dict:
         "stds": {m: s.stds.get(m) for m in s.metric_names},
         "seed_stds": {m: s.seed_stds.get(m) for m in s.metric_names},
         "n_runs": s.n_runs,
+        "n_stopped": s.n_stopped,
         "per_fold": {m: list(values) for m, values in s.per_fold.items()},
     }

@@ -237,8 +237,7 @@ def collect_rows(
     """Each row with its trial's metrics; ``specs`` line up with ``table.rows``."""
     by_spec = {trial.spec: trial.metrics for trial in finished}
     return [
-        RowResult(row, spec, by_spec.get(spec))
-        for row, spec in zip(table.rows, specs, strict=True)
+        RowResult(row, spec, by_spec.get(spec)) for row, spec in zip(table.rows, specs, strict=True)
     ]
 
 

@@ -94,6 +94,40 @@ class TrialSpec:
 
 
 @dataclass(frozen=True)
+class EarlyStopping:
+    """ASHA over a threshold sweep's semi-supervised trials, on the teacher mAP of each
+    evaluation against the steps a trial has trained (Train V2 reports no
+    ``training_iteration``): at ``grace_steps``, then every ``reduction_factor`` times
+    more, trials below the top ``1 / reduction_factor`` of their rung are stopped."""
+
+    grace_steps: int
+    reduction_factor: int = 2
+
+    def check(self, settings: SweepSettings) -> None:
+        """ASHA ranks trials against each other: they must differ in thresholds only."""
+        base = settings.base_config()
+        if len(settings.ratios) != 1 or len(settings.folds) != 1:
+            raise ValueError(
+                "--scheduler asha ranks trials against each other, so they must share one "
+                "ratio and one fold; pass a single --ratios and --folds value"
+            )
+        if settings.baseline and not settings.shared_burn_in:
+            raise ValueError(
+                "--scheduler asha would rank the supervised baseline against the "
+                "semi-supervised trials; add --shared-burn-in (the baseline then runs first, "
+                "unscheduled) or drop --baseline"
+            )
+        if self.grace_steps < 1 or self.reduction_factor < 2:
+            raise ValueError("--grace-steps must be >= 1 and --reduction-factor >= 2")
+        if base.train.eval_every > self.grace_steps:
+            raise ValueError(
+                f"train.eval_every ({base.train.eval_every}) is beyond --grace-steps "
+                f"({self.grace_steps}): ASHA compares trials at their evaluations; set "
+                "--set train.eval_every=N with N <= the grace steps"
+            )
+
+
+@dataclass(frozen=True)
 class SweepSettings:
     """Everything the command line decides; its hash names the sweep (and so resumes it)."""
 
@@ -118,6 +152,7 @@ class SweepSettings:
     overrides: tuple[str, ...] = ()  # ``section.field=value``, applied last (``--set``)
     experiment_name: str = "fold_sweep"
     sweep_name: str | None = None
+    early_stopping: EarlyStopping | None = None  # None: every trial runs to the end
 
     def base_config(self) -> ExperimentConfig:
         cfg = preset(self.preset)

@@ -1,8 +1,8 @@
 """The fold sweep: ratio x fold x fg_thr x var_thr (x method x seed) on Ray Tune.
 
 Ray 2.60 runs Train V2, where ``Tuner(trainer)`` is gone: each Tune trial is a function
-that starts its own run (``run.fit.run``) and forwards the Train reports to Tune with
-``TuneReportCallback``. What crosses from this driver to a trial is one frozen ``TrialJob``
+that starts its own run (``run.fit.run``) and forwards the Train reports to Tune
+(``tune/relay.py``). What crosses from this driver to a trial is one frozen ``TrialJob``
 (the grid point and its ``RunSpec``), pickled by Ray as it is. The sweep's name is derived
 from its settings, so running the same command again resumes it: finished trials are not
 rerun.
@@ -17,19 +17,19 @@ from pathlib import Path
 
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
 
 from softteacher.config import ExperimentConfig
-from softteacher.data.protocol import FoldData, coco_folds, synthetic_folds
 from softteacher.data.ray_stream import DATA_ACTOR_CPUS
-from softteacher.data.shards import ShardSet, write_shards
-from softteacher.names import FINAL_METRICS, FINAL_PREFIX
+from softteacher.names import EVAL_STEP, FINAL_METRICS, FINAL_PREFIX, TEACHER_AP, TRAINED_STEPS
 from softteacher.run.fit import RunResult, run
 from softteacher.run.multi_stage import run_multi_stage
 from softteacher.run.spec import RunSpec, WorkerResources
+from softteacher.track.datasets import DataSplit, log_data_inputs
 from softteacher.track.mlflow_runs import (
     RunRef,
     default_tracking_uri,
+    find_child_run,
     find_or_start_child_run,
     finish_run,
     git_commit,
@@ -56,20 +56,13 @@ from softteacher.tune.grid import (
     root_key,
     split_shared_burn_in,
 )
+from softteacher.tune.prepared import PreparedFold, fold_key, prepare_folds
 from softteacher.tune.progress import TrialEventPrinter
+from softteacher.tune.relay import fit_reporting_to_tune
 
 TUNE_DRIVER_CPUS = 0.01  # the trial function only waits on its TorchTrainer
 # the smallest Ray Data footprint of a trial: one actor in each of its two pools
 DATA_CPUS_PER_TRIAL = 2 * DATA_ACTOR_CPUS
-
-
-@dataclass(frozen=True)
-class PreparedFold:
-    """A fold's files and its Parquet shards, made once by the driver before any trial."""
-
-    data: FoldData
-    labeled: ShardSet
-    unlabeled: ShardSet
 
 
 @dataclass(frozen=True)
@@ -81,6 +74,7 @@ class TrialJob:
     parent: RunRef
     preset: str
     work_dir: str  # multi-stage's pseudo-label files and merged shards
+    data_splits: tuple[DataSplit, ...] = ()  # logged to the trial's MLflow run
 
 
 @dataclass(frozen=True)
@@ -90,11 +84,22 @@ class FinishedTrial:
 
 
 @dataclass(frozen=True)
+class StoppedTrial:
+    """A trial the early-stopping scheduler ended, at ``trained_steps`` of its own."""
+
+    spec: TrialSpec
+    trained_steps: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
 class SweepResult:
-    """The trials that finished, and the names of those that did not (failed or errored)."""
+    """The trials that finished, the names of those that failed, and those stopped early
+    (which are neither: the scheduler judged them; they stay out of the means)."""
 
     finished: list[FinishedTrial]
     failed: list[str]
+    stopped: list[StoppedTrial] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -111,7 +116,7 @@ def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> 
     results_dir = Path(settings.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     base = settings.base_config()
-    prepared = prepare_folds(settings, base)
+    prepared = prepare_folds(settings)
     tracking_uri = default_tracking_uri(results_dir)
     parent = resume_parent_run(tracking_uri, settings.experiment_name, settings.name)
     if parent is None:
@@ -130,12 +135,20 @@ def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> 
     except KeyboardInterrupt:
         finish_run(parent, "KILLED")
         raise
-    summaries = summarize([table_row(t) for t in result.finished])
+    summaries = summarize(
+        [table_row(t) for t in result.finished] + [stopped_row(t) for t in result.stopped]
+    )
     print(format_table(summaries))
     paths = write_tables(summaries, results_dir, stem=f"{settings.name}_table")
     log_tables_to_run(parent, summaries, paths)
     for path in paths.values():
         print(f"wrote {path}")
+    if result.stopped:
+        print(
+            f"{len(result.stopped)} trial(s) stopped early by ASHA (their MLflow runs are "
+            "KILLED with a stopped_early tag, and the table counts them apart): "
+            + ", ".join(f"{t.spec.name} at {t.trained_steps} steps" for t in result.stopped)
+        )
     if result.failed:
         print(
             f"{len(result.failed)} trial(s) did not finish: {', '.join(result.failed)}; their "
@@ -163,12 +176,17 @@ def _run_trials(
         f"shared burn-in: {len(roots)} run(s) first, then {len(branches)} semi-supervised "
         f"run(s) branch off their supervised run's step-{burn_in} checkpoint"
     )
-    first = _run_grid(settings, roots, prepared, parent, printer, name=f"{settings.name}-roots")
+    # the supervised roots run unscheduled: early stopping ranks the branches only
+    first = _run_grid(
+        settings, roots, prepared, parent, printer, name=f"{settings.name}-roots", schedule=False
+    )
     points = _branch_points(settings, branches, roots, burn_in, first.finished)
     waiting = [s.name for s in branches if s not in {spec for spec, _ in points}]
     branched = [dataclasses.replace(spec, branch_from=str(path)) for spec, path in points]
     more = _run_grid(settings, branched, prepared, parent, printer, name=settings.name)
-    return SweepResult(first.finished + more.finished, first.failed + waiting + more.failed)
+    return SweepResult(
+        first.finished + more.finished, first.failed + waiting + more.failed, more.stopped
+    )
 
 
 def _run_grid(
@@ -179,11 +197,13 @@ def _run_grid(
     printer: TrialEventPrinter,
     *,
     name: str,
+    schedule: bool = True,
 ) -> SweepResult:
-    """One Tune experiment over ``specs`` (resumed when ``name`` ran before)."""
+    """One Tune experiment over ``specs`` (resumed when ``name`` ran before), under the
+    settings' early stopping where ``schedule``."""
     if not specs:
         return SweepResult([], [])
-    trainable = tune.with_resources(run_trial, {"CPU": TUNE_DRIVER_CPUS})
+    trainable = tune.with_resources(run_trial, trial_resources(settings.resources))
     storage = Path(settings.results_dir) / "ray"
     experiment_path = storage / name
     if tune.Tuner.can_restore(str(experiment_path)):
@@ -197,7 +217,8 @@ def _run_grid(
             trainable,
             param_space={"job": tune.grid_search(jobs)},
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent_trials(settings.resources)
+                max_concurrent_trials=max_concurrent_trials(settings.resources),
+                scheduler=asha_scheduler(settings) if schedule else None,
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -207,16 +228,46 @@ def _run_grid(
             ),
         )
     grid = tuner.fit()
-    finished, failed = [], []
+    finished, failed, stopped = [], [], []
     for result in grid:
         job: TrialJob = result.config["job"]
         metrics = result.metrics or {}
+        final = {k: float(metrics[k]) for k in FINAL_METRICS if k in metrics}
         if result.error is None and "final" in metrics:
-            final = {k: float(metrics[k]) for k in FINAL_METRICS if k in metrics}
             finished.append(FinishedTrial(job.point, final))
+        elif result.error is None and TRAINED_STEPS in metrics:
+            # ended without an error and without its final report: the scheduler stopped it
+            trial = StoppedTrial(job.point, int(metrics[TRAINED_STEPS]), final)
+            mark_stopped(job, trial)
+            stopped.append(trial)
         else:
             failed.append(job.point.name)
-    return SweepResult(finished, failed)
+    return SweepResult(finished, failed, stopped)
+
+
+def asha_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
+    """ASHA on the teacher mAP against the steps a trial trained, or None (FIFO)."""
+    stopping = settings.early_stopping
+    if stopping is None:
+        return None
+    base = settings.base_config()
+    return ASHAScheduler(
+        time_attr=TRAINED_STEPS,
+        metric=TEACHER_AP,
+        mode="max",
+        max_t=base.train.max_steps,
+        grace_period=stopping.grace_steps,
+        reduction_factor=stopping.reduction_factor,
+    )
+
+
+def mark_stopped(job: TrialJob, trial: StoppedTrial) -> None:
+    """The stopped trial's MLflow run: KILLED (it did not finish), tagged with why."""
+    child = find_child_run(job.parent, trial.spec.name)
+    if child is None:
+        return
+    set_tags(child, {"stopped_early": f"ASHA at {trial.trained_steps} trained steps"})
+    finish_run(child, "KILLED")
 
 
 def trial_job(
@@ -226,7 +277,7 @@ def trial_job(
     parent: RunRef,
 ) -> TrialJob:
     """The grid point as the trial will run it: the config it resolves to and its data."""
-    fold = prepared[_fold_key(point.ratio, point.fold)]
+    fold = prepared[fold_key(point.ratio, point.fold)]
     cfg = point.apply(settings.base_config())
     spec = RunSpec(
         config=cfg,
@@ -237,7 +288,7 @@ def trial_job(
         storage_path=str(settings.train_storage),
         resources=settings.resources,
     )
-    return TrialJob(point, spec, parent, settings.preset, settings.data_dir)
+    return TrialJob(point, spec, parent, settings.preset, settings.data_dir, fold.splits)
 
 
 def _branch_points(
@@ -262,39 +313,26 @@ def _branch_points(
     return points
 
 
-def prepare_folds(settings: SweepSettings, base: ExperimentConfig) -> dict[str, PreparedFold]:
-    """Fold files and their shards (both cached by content) for every (ratio, fold)."""
-    data_dir = Path(settings.data_dir)
-    if settings.coco_root:
-        folds = coco_folds(
-            Path(settings.coco_root), data_dir / "coco_folds", settings.ratios, settings.folds
-        )
-    else:
-        folds = synthetic_folds(data_dir, base.synthetic, settings.ratios, settings.folds)
-    prepared = {}
-    for fold in folds:
-        labeled, unlabeled, _ = fold.load()
-        prepared[_fold_key(fold.percent, fold.fold)] = PreparedFold(
-            fold,
-            write_shards(labeled, data_dir / "shards"),
-            write_shards(unlabeled, data_dir / "shards"),
-        )
-        print(
-            f"fold {fold.fold}@{fold.percent:g}%: {len(labeled.records)} labeled, "
-            f"{len(unlabeled.records)} unlabeled images"
-        )
-    return prepared
+def trial_resources(resources: WorkerResources) -> dict[str, float]:
+    """What a Tune trial holds itself: little when its run has a worker group of its own,
+    the one worker's share when the run trains in the trial's process."""
+    if not resources.in_process:
+        return {"CPU": TUNE_DRIVER_CPUS}
+    held = {"CPU": TUNE_DRIVER_CPUS + resources.cpus_per_worker}
+    if resources.gpus_per_worker > 0:
+        held["GPU"] = resources.gpus_per_worker
+    return held
 
 
 def max_concurrent_trials(resources: WorkerResources) -> int:
     """As many trials as the cluster's CPUs (and GPUs) hold at once, at least one."""
     total = ray.cluster_resources()
     per_trial_cpu = (
-        TUNE_DRIVER_CPUS + resources.num_workers * resources.cpus_per_worker + DATA_CPUS_PER_TRIAL
+        TUNE_DRIVER_CPUS + resources.worker_count * resources.cpus_per_worker + DATA_CPUS_PER_TRIAL
     )
     limit = math.floor(total.get("CPU", 1.0) / per_trial_cpu)
     if resources.gpus_per_worker > 0:
-        per_trial_gpu = resources.num_workers * resources.gpus_per_worker
+        per_trial_gpu = resources.worker_count * resources.gpus_per_worker
         limit = min(limit, math.floor(total.get("GPU", 0.0) / per_trial_gpu))
     return max(1, limit)
 
@@ -316,6 +354,7 @@ def run_trial(config: dict) -> None:
         }
         | spec.config.flat(),
     )
+    log_data_inputs(child, job.data_splits)
     if run_status(child) == "FINISHED":
         tune.report(_final_metrics_of(child) | {"final": 1.0})
         return
@@ -339,12 +378,23 @@ def run_trial(config: dict) -> None:
 def _fit_trial(job: TrialJob, spec: RunSpec) -> tuple[RunResult, dict]:
     log_json_artifact(spec.tracking, "config.json", spec.config.to_dict())
     summary: dict = {"trial": dataclasses.asdict(job.point)}
+    # the early-stopping clock starts where the trial starts: at its branch point, if any
+    origin = spec.config.method.burn_in_steps if job.point.branch_from else 0
+
+    def with_trained_steps(report: dict) -> dict:
+        if EVAL_STEP in report:
+            return report | {TRAINED_STEPS: report[EVAL_STEP] - origin}
+        return report
+
     if job.point.method == "multi_stage":
-        result, summary["multi_stage"] = run_multi_stage(
-            spec, job.point.fg_thr, Path(job.work_dir), callbacks=[TuneReportCallback()]
+        result, summary["multi_stage"] = fit_reporting_to_tune(
+            lambda callbacks: run_multi_stage(
+                spec, job.point.fg_thr, Path(job.work_dir), callbacks
+            ),
+            with_trained_steps,
         )
     else:
-        result = run(spec, callbacks=[TuneReportCallback()])
+        result = fit_reporting_to_tune(lambda callbacks: run(spec, callbacks), with_trained_steps)
     return result, summary
 
 
@@ -363,5 +413,15 @@ def table_row(trial: FinishedTrial) -> TrialResult:
     )
 
 
-def _fold_key(ratio: float, fold: int) -> str:
-    return f"{fold}@{ratio:g}"
+def stopped_row(trial: StoppedTrial) -> TrialResult:
+    spec = trial.spec
+    return TrialResult(
+        spec.ratio,
+        spec.fold,
+        spec.label,
+        spec.fg_thr,
+        spec.var_thr,
+        trial.metrics,
+        spec.seed,
+        stopped_at=trial.trained_steps,
+    )

@@ -1,0 +1,67 @@
+"""Train reports reach the Tune trial through the relay, in order, and the sweep's ASHA
+scheduler stops the trials that trail (a real Tune run on the loopback cluster; each
+trial's "training" is a stand-in that reports as Ray Train's controller would)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from ray import tune
+
+from softteacher.names import EVAL_STEP, TEACHER_AP, TRAINED_STEPS
+from softteacher.tune.grid import EarlyStopping, SweepSettings
+from softteacher.tune.relay import fit_reporting_to_tune
+from softteacher.tune.sweep import asha_scheduler
+
+pytestmark = pytest.mark.ray
+
+EVAL_STEPS = (2, 4, 6, 8, 10, 12)  # the smoke preset runs 12 steps
+
+
+def _trial(config: dict) -> None:
+    def stand_in_fit(callbacks: list) -> str:
+        for step in EVAL_STEPS:
+            report = {EVAL_STEP: step, TEACHER_AP: config["quality"] * step}
+            callbacks[0].after_report(None, [report], None)  # as the Train controller does
+            time.sleep(0.2)
+        if config["quality"] < 0:
+            raise ValueError("a run that fails")
+        return "fitted"
+
+    assert fit_reporting_to_tune(
+        stand_in_fit, lambda report: report | {TRAINED_STEPS: report[EVAL_STEP]}
+    )
+    tune.report({"final": 1.0})
+
+
+def _tune(tmp_path, qualities, scheduler=None):
+    tuner = tune.Tuner(
+        _trial,
+        param_space={"quality": tune.grid_search(qualities)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, scheduler=scheduler),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
+    )
+    return tuner.fit()
+
+
+def test_every_report_reaches_tune_in_order_and_errors_surface(ray_cluster, tmp_path):
+    grid = _tune(tmp_path, [1.0, -1.0])
+    good, bad = sorted(grid, key=lambda result: -result.config["quality"])
+    history = good.metrics_dataframe
+    assert list(history[EVAL_STEP].dropna().astype(int)) == list(EVAL_STEPS)
+    assert good.metrics["final"] == 1.0
+    assert bad.error is not None and "a run that fails" in str(bad.error)
+    assert list(bad.metrics_dataframe[EVAL_STEP].astype(int)) == list(EVAL_STEPS)
+
+
+def test_asha_stops_the_trials_that_trail_their_rung(ray_cluster, tmp_path):
+    settings = SweepSettings(preset="smoke", early_stopping=EarlyStopping(grace_steps=2))
+    # one trial at a time, best first: each later one trails the rung's record at step 2
+    grid = _tune(tmp_path, [4.0, 3.0, 2.0, 1.0], asha_scheduler(settings))
+    by_quality = {result.config["quality"]: result for result in grid}
+    assert by_quality[4.0].metrics.get("final") == 1.0
+    for quality in (3.0, 2.0, 1.0):
+        stopped = by_quality[quality]
+        assert stopped.error is None and "final" not in stopped.metrics
+        assert stopped.metrics[TRAINED_STEPS] == 2
