@@ -93,8 +93,12 @@ def test_sweep_names_change_with_what_changes_the_trials():
         AblationSettings(preset="cpu", fold=2).sweep_name(table),
         AblationSettings(preset="cpu").sweep_name(table.select(["5"]), partial=True),
         AblationSettings(preset="cpu", shared_burn_in=True).sweep_name(table),
+        AblationSettings(preset="cpu", seed=3).sweep_name(table),
     }
-    assert len(names) == 5
+    assert len(names) == 6
+    seeded = AblationSettings(preset="cpu", seed=3)
+    assert {spec.seed for spec in seeded.specs(table)} == {3}
+    assert seeded.table_stem(table).endswith("_s3")
     assert AblationSettings(shared_burn_in=True).sweep_settings(table).shared_burn_in
 
 

@@ -286,6 +286,15 @@ def run_cli(clis, monkeypatch, capsys, tmp_path):
         (["--set", "method.method=e2e"], "error: --set method.method: trial .* sets it to"),
         (["--shared-burn-in", "--set", "method.burn_in_steps=0"], "error: a shared burn-in"),
         (["--coco-root", "/nonexistent/coco"], "error: --coco-root /nonexistent/coco: no such"),
+        (["--scheduler", "asha"], "error: --scheduler asha ranks trials against each other"),
+        (
+            ["--scheduler", "asha", "--folds", "1", "--baseline"],
+            "error: --scheduler asha would rank the supervised baseline",
+        ),
+        (
+            ["--scheduler", "asha", "--folds", "1", "--grace-steps", "2"],
+            r"error: train.eval_every \(12\) is beyond --grace-steps \(2\)",
+        ),
     ],
 )
 def test_fold_sweep_reports_bad_input_before_the_cluster(run_cli, argv, message):

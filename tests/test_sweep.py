@@ -83,6 +83,14 @@ def test_sweep_command_records_runs_branches_off_the_burn_in_and_resumes(tmp_pat
         assert "final/teacher/AP" in child.data.metrics
         assert "final/student/AP50" in child.data.metrics
     supervised, soft = children["supervised"], children["soft_teacher_jitter"]
+    for child, lists in ((supervised, 2), (soft, 3)):  # the Dataset column of the runs table
+        inputs = {d.dataset.name: d for d in child.inputs.dataset_inputs}
+        assert len(inputs) == lists and inputs["val"].tags[0].value == "evaluation"
+        assert inputs["10% fold 1 labeled"].tags[0].value == "training"
+    labeled = {d.dataset.name: d.dataset.digest for d in soft.inputs.dataset_inputs}
+    assert labeled == {
+        d.dataset.name: d.dataset.digest for d in supervised.inputs.dataset_inputs
+    } | {"10% fold 1 unlabeled": labeled["10% fold 1 unlabeled"]}  # the same split, the same digest
     assert client.get_metric_history(soft.info.run_id, "pseudo/cls_per_image")
     burn_in = preset("smoke").method.burn_in_steps
     branch = Path(soft.data.params["train.branch_from"])

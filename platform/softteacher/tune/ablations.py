@@ -69,6 +69,7 @@ class AblationSettings:
     # an existing end-of-burn-in checkpoint of this preset, ratio and fold: every row but
     # multi-stage (whose first stage is a whole supervised run) branches off it
     branch_from: str | None = None
+    seed: int | None = None  # None: the preset's
 
     def __post_init__(self) -> None:
         if self.shared_burn_in and self.branch_from:
@@ -97,6 +98,8 @@ class AblationSettings:
             parts.append("shared")
         if self.branch_from:
             parts.append("branch-" + hashlib.sha256(self.branch_from.encode()).hexdigest()[:8])
+        if self.seed is not None:
+            parts.append(f"s{self.seed}")
         return parts
 
     def sweep_name(self, table: AblationTable, *, partial: bool = False) -> str:
@@ -134,7 +137,10 @@ class AblationSettings:
 
     def specs(self, table: AblationTable) -> list[TrialSpec]:
         defaults = self.base_config().method
-        specs = [row.spec(self.ratio, self.fold, defaults) for row in table.rows]
+        specs = [
+            dataclasses.replace(row.spec(self.ratio, self.fold, defaults), seed=self.seed)
+            for row in table.rows
+        ]
         if not self.branch_from:
             return specs
         return [

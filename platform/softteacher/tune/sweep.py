@@ -354,7 +354,10 @@ def run_trial(config: dict) -> None:
         }
         | spec.config.flat(),
     )
-    log_data_inputs(child, job.data_splits)
+    # the image lists this trial reads (a supervised run reads no unlabeled image)
+    log_data_inputs(
+        child, [s for s in job.data_splits if s.context != "unlabeled" or spec.unlabeled]
+    )
     if run_status(child) == "FINISHED":
         tune.report(_final_metrics_of(child) | {"final": 1.0})
         return
@@ -379,7 +382,7 @@ def _fit_trial(job: TrialJob, spec: RunSpec) -> tuple[RunResult, dict]:
     log_json_artifact(spec.tracking, "config.json", spec.config.to_dict())
     summary: dict = {"trial": dataclasses.asdict(job.point)}
     # the early-stopping clock starts where the trial starts: at its branch point, if any
-    origin = spec.config.method.burn_in_steps if job.point.branch_from else 0
+    origin = spec.config.method.burn_in_steps if spec.config.train.branch_from else 0
 
     def with_trained_steps(report: dict) -> dict:
         if EVAL_STEP in report:
