@@ -278,6 +278,7 @@ def run_cli(clis, monkeypatch, capsys, tmp_path):
         (["--max-steps", "0"], "error: --max-steps 0: must be at least 1 step"),
         (["--ckpt-every", "0"], "error: --ckpt-every 0: must be at least 1 step"),
         (["--workers", "-1"], "error: --workers -1: must be >= 0"),
+        (["--workers", "64"], "error: --workers 64 x --cpus-per-worker 1: a trial needs 64"),
         (["--fg-thr", "1.5"], r"error: --fg-thr 1.5: a threshold must be in \[0, 1\]"),
         (["--var-thr", "-0.1"], r"error: --var-thr -0.1: a threshold must be in \[0, 1\]"),
         (["--gpus-per-worker", "1"], "error: --gpus-per-worker 1: this machine has no CUDA"),

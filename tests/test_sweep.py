@@ -37,6 +37,7 @@ def _sweep(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # smoke trials last seconds
     command = [
         sys.executable,
         str(ROOT / "experiments" / "fold_sweep.py"),
@@ -82,6 +83,7 @@ def test_sweep_command_records_runs_branches_off_the_burn_in_and_resumes(tmp_pat
         assert child.info.status == "FINISHED"
         assert "final/teacher/AP" in child.data.metrics
         assert "final/student/AP50" in child.data.metrics
+        assert "system/cpu_utilization_percentage" in child.data.metrics
     supervised, soft = children["supervised"], children["soft_teacher_jitter"]
     for child, lists in ((supervised, 2), (soft, 3)):  # the Dataset column of the runs table
         inputs = {d.dataset.name: d for d in child.inputs.dataset_inputs}

@@ -28,6 +28,7 @@ from softteacher.train.checkpoint import CheckpointError
 from softteacher.tune.ablation_tables import AblationTable
 from softteacher.tune.ablations import AblationSettings
 from softteacher.tune.grid import SweepSettings, TrialSpec, split_shared_burn_in
+from softteacher.tune.sweep import cpus_per_trial
 
 FOLDS = range(1, 6)  # the STAC protocol's five folds
 # What a user can fix that surfaces only once the run started (a bad box in a fold file, a
@@ -181,6 +182,14 @@ def check_resources(
     if resources.gpus_per_worker < 0:
         raise UsageError(
             f"--gpus-per-worker {resources.gpus_per_worker:g}: must be >= 0; give a GPU count"
+        )
+    local_cpus = os.cpu_count() or 1
+    if not joins_cluster and cpus_per_trial(resources) > local_cpus:
+        raise UsageError(
+            f"--workers {resources.num_workers} x --cpus-per-worker "
+            f"{resources.cpus_per_worker:g}: a trial needs {cpus_per_trial(resources):.2f} "
+            f"CPUs (with its Tune process and data actors) and this machine has {local_cpus}, "
+            "so no trial could start; lower them, or join a bigger cluster (--address)"
         )
     if resources.gpus_per_worker > 0 and not cuda_available and not joins_cluster:
         raise UsageError(

@@ -14,6 +14,7 @@ trial that starting a worker group costs on 2 cores.
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,12 @@ import ray.train
 import ray.train.torch
 import torch
 
-from softteacher.train.checkpoint import BRANCH_POINT_DIR, has_checkpoint
+from softteacher.train.checkpoint import (
+    BRANCH_POINT_DIR,
+    CheckpointError,
+    has_checkpoint,
+    read_checkpoint,
+)
 
 CHECKPOINT_PREFIX = "checkpoint_"
 
@@ -93,7 +99,7 @@ class InProcessSession:
 
     @contextmanager
     def resume_dir(self) -> Iterator[Path | None]:
-        yield latest_checkpoint(self.run_dir)
+        yield readable_checkpoint(self.run_dir)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         if checkpoint_dir is not None:
@@ -124,6 +130,19 @@ def checkpoints(run_dir: Path) -> list[Path]:
         if path.name != BRANCH_POINT_DIR and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
     ]
     return sorted(path for path in found if has_checkpoint(path))
+
+
+def readable_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that loads: one truncated on disk (a full disk, a killed copy)
+    is skipped with a warning naming it, and the one before it resumes the run."""
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            read_checkpoint(path)
+        except CheckpointError as error:
+            print(f"warning: skipping {path}: {error}", file=sys.stderr, flush=True)
+            continue
+        return path
+    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -17,7 +17,8 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -177,6 +178,25 @@ def _child_runs(client: MlflowClient, parent: RunRef, run_name: str) -> list:
         f"and attributes.run_name = {_quoted(run_name)}",
         order_by=["attributes.start_time ASC"],
     )
+
+
+@contextmanager
+def system_metrics(run: RunRef, interval_s: float = 10.0) -> Iterator[None]:
+    """MLflow's system metrics (``system/cpu_utilization_percentage``, memory, disk,
+    network; GPU where present) logged to ``run`` every ``interval_s`` while the block runs."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run.run_id,
+        sampling_interval=interval_s,
+        resume_logging=True,  # a resumed trial goes on at the next step
+        tracking_uri=run.tracking_uri,
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def log_dataset_inputs(run: RunRef, inputs: Sequence[DatasetInput]) -> None:

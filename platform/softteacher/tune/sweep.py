@@ -39,6 +39,7 @@ from softteacher.track.mlflow_runs import (
     run_status,
     set_tags,
     start_parent_run,
+    system_metrics,
 )
 from softteacher.track.tables import (
     TrialResult,
@@ -324,13 +325,16 @@ def trial_resources(resources: WorkerResources) -> dict[str, float]:
     return held
 
 
+def cpus_per_trial(resources: WorkerResources) -> float:
+    """The CPUs one trial holds: its Tune process, its workers, its two data actors."""
+    workers = resources.worker_count * resources.cpus_per_worker
+    return TUNE_DRIVER_CPUS + workers + DATA_CPUS_PER_TRIAL
+
+
 def max_concurrent_trials(resources: WorkerResources) -> int:
     """As many trials as the cluster's CPUs (and GPUs) hold at once, at least one."""
     total = ray.cluster_resources()
-    per_trial_cpu = (
-        TUNE_DRIVER_CPUS + resources.worker_count * resources.cpus_per_worker + DATA_CPUS_PER_TRIAL
-    )
-    limit = math.floor(total.get("CPU", 1.0) / per_trial_cpu)
+    limit = math.floor(total.get("CPU", 1.0) / cpus_per_trial(resources))
     if resources.gpus_per_worker > 0:
         per_trial_gpu = resources.worker_count * resources.gpus_per_worker
         limit = min(limit, math.floor(total.get("GPU", 0.0) / per_trial_gpu))
@@ -363,7 +367,8 @@ def run_trial(config: dict) -> None:
         return
     spec = dataclasses.replace(spec, tracking=child)
     try:
-        final, summary = _fit_trial(job, spec)
+        with system_metrics(child):
+            final, summary = _fit_trial(job, spec)
     except BaseException as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
         set_tags(child, {"error": f"{type(error).__name__}: {reason}"[:5000]})

@@ -1,0 +1,106 @@
+"""The in-process session: checkpoints persisted whole and pruned to the newest few, the
+newest resumed, reports handed to callbacks; the in-process runner restarts a failed worker
+as Ray Train would, and stops at once on an input error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from softteacher.presets import preset
+from softteacher.run import fit
+from softteacher.run.session import InProcessSession, checkpoints
+from softteacher.run.spec import RunSpec, WorkerResources
+from softteacher.run.worker import RunInputError, fatal_error_file
+from softteacher.train.checkpoint import CHECKPOINT_FILE, SAVED_KEYS
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.reports: list[dict] = []
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.reports.extend(metrics)
+
+
+def _checkpoint(tmp_path: Path, step: int) -> Path:
+    folder = tmp_path / f"staged-{step}"
+    folder.mkdir()
+    torch.save({key: step for key in SAVED_KEYS}, folder / CHECKPOINT_FILE)
+    return folder
+
+
+def test_checkpoints_are_kept_newest_first_and_the_newest_resumed(tmp_path):
+    recorder = _Recorder()
+    session = InProcessSession(tmp_path / "run", "exp", keep=2, callbacks=[recorder])
+    with session.resume_dir() as directory:
+        assert directory is None
+    for step in (4, 8, 12):
+        session.report({"step": step}, checkpoint_dir=_checkpoint(tmp_path, step))
+    session.report({"step": 13, "loss/total": 0.5})
+    kept = checkpoints(tmp_path / "run")
+    assert [p.name for p in kept] == ["checkpoint_000000008", "checkpoint_000000012"]
+    with InProcessSession(tmp_path / "run", "exp", keep=2).resume_dir() as directory:
+        assert torch.load(directory / CHECKPOINT_FILE)["step"] == 12
+    assert [r["step"] for r in recorder.reports] == [4, 8, 12, 13]
+    assert session.last_metrics == {"step": 13, "loss/total": 0.5}
+
+
+def test_a_truncated_checkpoint_is_skipped_for_the_one_before(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    session = InProcessSession(run_dir, "exp", keep=3)
+    for step in (4, 8):
+        session.report({"step": step}, checkpoint_dir=_checkpoint(tmp_path, step))
+    newest = run_dir / "checkpoint_000000008" / CHECKPOINT_FILE
+    newest.write_bytes(newest.read_bytes()[:20])  # truncated on disk
+    with session.resume_dir() as directory:
+        assert directory.name == "checkpoint_000000004"
+    warning = capsys.readouterr().err
+    assert "skipping" in warning and "checkpoint_000000008" in warning
+
+
+def _spec(tmp_path: Path, smoke_fold, max_failures: int) -> RunSpec:
+    return RunSpec(
+        preset("smoke"),
+        smoke_fold.fold,
+        smoke_fold.labeled,
+        smoke_fold.unlabeled,
+        name="in-process",
+        storage_path=str(tmp_path),
+        resources=WorkerResources(num_workers=0, max_failures=max_failures),
+    )
+
+
+def test_a_failed_worker_restarts_and_an_input_error_stops_at_once(
+    tmp_path, smoke_fold, monkeypatch
+):
+    calls: list[int] = []
+
+    def flaky(spec, session):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the node went away")
+        session.report({"step": 12, "teacher/AP": 5.0, "loss/total": 0.1})
+
+    monkeypatch.setattr(fit, "train_recording_input_errors", flaky)
+    result = fit.run(_spec(tmp_path, smoke_fold, max_failures=1))
+    assert len(calls) == 2 and result.metrics == {"teacher/AP": 5.0}
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="the node went away"):
+        fit.run(_spec(tmp_path, smoke_fold, max_failures=0))
+
+    def bad_input(spec, session):
+        calls.append(1)
+        marker = fatal_error_file(spec)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("ValueError: image x.jpg is corrupt\n")
+        raise ValueError("image x.jpg is corrupt")
+
+    calls.clear()
+    monkeypatch.setattr(fit, "train_recording_input_errors", bad_input)
+    with pytest.raises(RunInputError, match="x.jpg is corrupt"):
+        fit.run(_spec(tmp_path, smoke_fold, max_failures=2))
+    assert len(calls) == 1  # no retry of an input error
