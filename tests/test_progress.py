@@ -44,3 +44,14 @@ def test_progress_counts_ended_trials_of_the_whole_sweep(capsys) -> None:
     out = capsys.readouterr().out
     assert "[done]  10% fold 1 soft_teacher fg 0.7 var 0.02" in out and "teacher mAP 12.50" in out
     assert "[sweep] 1/3 trials ended" in out and "ETA" in out
+
+
+def test_a_trial_the_scheduler_stopped_is_printed_as_stopped(capsys) -> None:
+    printer = TrialEventPrinter(total=2)
+    result = {"teacher/AP": 3.0, "trained_steps": 50}
+    trial = SimpleNamespace(**vars(_trial()), last_result=result)
+    printer.on_trial_start(0, [], trial)
+    printer.on_trial_complete(0, [], trial)
+    out = capsys.readouterr().out
+    assert "[stopped] 10% fold 1 soft_teacher fg 0.7 var 0.02 by ASHA after 50" in out
+    assert "[done]" not in out and "[sweep] 1/2 trials ended" in out

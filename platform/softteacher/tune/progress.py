@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from softteacher.names import EVAL_STEP, IMAGES_PER_S, STUDENT_AP, TEACHER_AP
+from softteacher.names import EVAL_STEP, IMAGES_PER_S, STUDENT_AP, TEACHER_AP, TRAINED_STEPS
 
 
 class TrialEventPrinter(Callback):
@@ -47,6 +47,15 @@ class TrialEventPrinter(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         minutes = (time.monotonic() - self._started.get(trial.trial_id, time.monotonic())) / 60
         result = trial.last_result or {}
+        if "final" not in result and TRAINED_STEPS in result:  # ended by the scheduler
+            print(
+                f"[stopped] {trial_name(trial)} by ASHA after {int(result[TRAINED_STEPS])} "
+                f"trained steps ({minutes:.1f} min): teacher mAP "
+                f"{result.get(TEACHER_AP, float('nan')):.2f}",
+                flush=True,
+            )
+            self._progress()
+            return
         print(
             f"[done]  {trial_name(trial)} in {minutes:.1f} min: teacher mAP "
             f"{result.get(TEACHER_AP, float('nan')):.2f}, student mAP "
