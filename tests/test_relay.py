@@ -4,10 +4,11 @@ trial's "training" is a stand-in that reports as Ray Train's controller would)."
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
-from ray import tune
+from ray import cloudpickle, tune
 
 from softteacher.names import EVAL_STEP, TEACHER_AP, TRAINED_STEPS
 from softteacher.tune.grid import EarlyStopping, SweepSettings
@@ -15,12 +16,15 @@ from softteacher.tune.relay import fit_reporting_to_tune
 from softteacher.tune.sweep import asha_scheduler
 
 pytestmark = pytest.mark.ray
+# the trial function below lives in this test file, which Ray's workers cannot import
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 EVAL_STEPS = (2, 4, 6, 8, 10, 12)  # the smoke preset runs 12 steps
 
 
 def _trial(config: dict) -> None:
     def stand_in_fit(callbacks: list) -> str:
+        callbacks[0].after_report(None, [{"step": 1}], None)  # before any evaluation
         for step in EVAL_STEPS:
             report = {EVAL_STEP: step, TEACHER_AP: config["quality"] * step}
             callbacks[0].after_report(None, [report], None)  # as the Train controller does
@@ -29,10 +33,13 @@ def _trial(config: dict) -> None:
             raise ValueError("a run that fails")
         return "fitted"
 
-    assert fit_reporting_to_tune(
-        stand_in_fit, lambda report: report | {TRAINED_STEPS: report[EVAL_STEP]}
-    )
-    tune.report({"final": 1.0})
+    def from_first_evaluation(report: dict) -> dict | None:  # as the sweep's trials do
+        if EVAL_STEP not in report:
+            return None  # ASHA's Tune refuses a result without its metric
+        return report | {TRAINED_STEPS: report[EVAL_STEP]}
+
+    assert fit_reporting_to_tune(stand_in_fit, from_first_evaluation)
+    tune.report({TEACHER_AP: config["quality"] * EVAL_STEPS[-1], "final": 1.0})  # as run_trial
 
 
 def _tune(tmp_path, qualities, scheduler=None):

@@ -49,11 +49,11 @@ class RelayToTune(UserCallback):
 
 def fit_reporting_to_tune(
     fit: Callable[[list[UserCallback]], T],
-    annotate: Callable[[dict[str, Any]], dict[str, Any]] = dict,
+    annotate: Callable[[dict[str, Any]], dict[str, Any] | None] = dict,
 ) -> T:
-    """Call ``fit(callbacks)`` (a run or a multi-stage run) and ``tune.report`` every report
-    it makes (through ``annotate``), in order, from this trial's own thread, as they
-    arrive."""
+    """Call ``fit(callbacks)`` (a run or a multi-stage run) and ``tune.report`` each report
+    it makes, as ``annotate`` returns it (None: not forwarded), in order, from this trial's
+    own thread, as they arrive."""
     relay = ReportRelay.remote()
     outcome: dict[str, Any] = {}
 
@@ -70,7 +70,9 @@ def fit_reporting_to_tune(
             worker.join(POLL_S)
             ended = not worker.is_alive()  # read before draining: no report is left behind
             for report in ray.get(relay.drain.remote()):
-                tune.report(annotate(report))
+                forwarded = annotate(report)
+                if forwarded is not None:
+                    tune.report(forwarded)
             if ended:
                 break
     finally:

@@ -259,6 +259,7 @@ def asha_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
         max_t=base.train.max_steps,
         grace_period=stopping.grace_steps,
         reduction_factor=stopping.reduction_factor,
+        stop_last_trials=False,  # a trial at its last evaluation goes on to its final report
     )
 
 
@@ -389,10 +390,12 @@ def _fit_trial(job: TrialJob, spec: RunSpec) -> tuple[RunResult, dict]:
     # the early-stopping clock starts where the trial starts: at its branch point, if any
     origin = spec.config.method.burn_in_steps if spec.config.train.branch_from else 0
 
-    def with_trained_steps(report: dict) -> dict:
-        if EVAL_STEP in report:
-            return report | {TRAINED_STEPS: report[EVAL_STEP] - origin}
-        return report
+    def with_trained_steps(report: dict) -> dict | None:
+        """Reports from the first evaluation on: Tune's scheduler refuses a result without
+        its metric, and the terminal shows evaluations only."""
+        if EVAL_STEP not in report:
+            return None
+        return report | {TRAINED_STEPS: report[EVAL_STEP] - origin}
 
     if job.point.method == "multi_stage":
         result, summary["multi_stage"] = fit_reporting_to_tune(
