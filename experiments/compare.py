@@ -50,53 +50,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--experiment",
-        type=_names,
-        default=("fold_sweep",),
-        help="MLflow experiment name(s), comma-separated",
-    )
-    parser.add_argument(
-        "--by",
-        type=_names,
-        default=("method", "ratio"),
-        help="params to group by (method, ratio, fg_thr, method.cls_thr, ...)",
-    )
-    parser.add_argument(
-        "--metrics", type=_names, default=DEFAULT_METRICS, help="metrics to reduce over each group"
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="default: $MLFLOW_TRACKING_URI, else experiments/results/mlflow.db",
-    )
-    parser.add_argument(
-        "--parent", default=None, help="only the children of this sweep run; plots are logged to it"
-    )
-    parser.add_argument(
-        "--plot", action="store_true", help="write PNGs and log them to the parent run"
-    )
-    parser.add_argument(
-        "--runs",
-        type=_names,
-        default=None,
-        help="run ids for the training curves (default: the parent's children)",
-    )
-    parser.add_argument(
-        "--curves-md",
-        type=Path,
-        default=None,
-        help="write the runs' metrics at every evaluation step to this file",
-    )
-    parser.add_argument(
-        "--curve-metrics",
-        type=_names,
-        default=CURVE_METRICS,
-        help="metrics of --curves-md; the first one picks the rows' steps",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=RESULTS_DIR / "plots", help="folder for the PNGs"
-    )
+    parser.add_argument("--experiment", type=_names, default=("fold_sweep",),
+                        help="MLflow experiment name(s), comma-separated")
+    parser.add_argument("--by", type=_names, default=("method", "ratio"),
+                        help="params to group by (method, ratio, fg_thr, method.cls_thr, ...)")
+    parser.add_argument("--metrics", type=_names, default=DEFAULT_METRICS,
+                        help="metrics to reduce over each group")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="default: $MLFLOW_TRACKING_URI, else experiments/results/mlflow.db")
+    parser.add_argument("--parent", default=None,
+                        help="only the children of this sweep run; plots are logged to it")
+    parser.add_argument("--plot", action="store_true",
+                        help="write PNGs and log them to the parent run")
+    parser.add_argument("--runs", type=_names, default=None,
+                        help="run ids for the training curves (default: the parent's children)")
+    parser.add_argument("--curves-md", type=Path, default=None,
+                        help="write the runs' metrics at every evaluation step to this file")
+    parser.add_argument("--curve-metrics", type=_names, default=CURVE_METRICS,
+                        help="metrics of --curves-md; the first one picks the rows' steps")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "plots",
+                        help="folder for the PNGs")
     return parser.parse_args(argv)
 
 

@@ -1,6 +1,6 @@
 """Generate the synthetic COCO-format shapes set (reused when it already matches).
 
-python experiments/make_synthetic.py --out data/synthetic [--num-train 2000 --num-val 300]
+    python experiments/make_synthetic.py --out data/synthetic [--num-train 2000 --num-val 300]
 """
 
 from __future__ import annotations
@@ -43,10 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = time.perf_counter() - start
     images = cfg.num_train + cfg.num_val
-    print(
-        f"wrote {images} images to {dataset.root} in {seconds:.1f} s "
-        f"({images / seconds:.0f} images/s)"
-    )
+    print(f"wrote {images} images to {dataset.root} in {seconds:.1f} s "
+          f"({images / seconds:.0f} images/s)")
     return 0
 
 

@@ -35,22 +35,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=Path, required=True, help="folder of images")
     parser.add_argument("--out", type=Path, required=True, help="folder for the overlays")
     parser.add_argument(
-        "--tracking-uri",
-        default=None,
+        "--tracking-uri", default=None,
         help="MLflow store (default: $MLFLOW_TRACKING_URI, else experiments/results/mlflow.db)",
     )
     parser.add_argument("--min-score", type=float, default=0.5, help="draw detections from here")
     parser.add_argument("--model", choices=("teacher", "student"), default="teacher")
     parser.add_argument(
-        "--ann",
-        type=Path,
-        default=None,
+        "--ann", type=Path, default=None,
         help="a COCO file whose categories name the classes (default: 'class k')",
     )
     parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
+        "--checkpoint", type=Path, default=None,
         help="the Ray checkpoint directory, when it moved since the run logged it",
     )
     return parser.parse_args(argv)
@@ -69,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             model, args.images, args.out, run.config.augment, names, min_score=args.min_score
         )
     except (
-        RunArtifactError,
-        ImageFolderError,
-        ClassNamesError,
-        CocoFormatError,
-        CorruptImageError,
+        RunArtifactError, ImageFolderError, ClassNamesError, CocoFormatError, CorruptImageError
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

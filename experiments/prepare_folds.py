@@ -26,22 +26,13 @@ def _numbers(text: str, kind: type) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ann", type=Path, required=True, help="COCO instances file to split")
-    parser.add_argument(
-        "--percents",
-        type=lambda t: _numbers(t, float),
-        default=[1.0, 5.0, 10.0],
-        help="labeled percents, comma-separated (default 1,5,10)",
-    )
-    parser.add_argument(
-        "--folds",
-        type=lambda t: _numbers(t, int),
-        default=[1, 2, 3, 4, 5],
-        help="fold numbers, comma-separated (default 1,2,3,4,5)",
-    )
+    parser.add_argument("--percents", type=lambda t: _numbers(t, float), default=[1.0, 5.0, 10.0],
+                        help="labeled percents, comma-separated (default 1,5,10)")
+    parser.add_argument("--folds", type=lambda t: _numbers(t, int), default=[1, 2, 3, 4, 5],
+                        help="fold numbers, comma-separated (default 1,2,3,4,5)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the fold files")
-    parser.add_argument(
-        "--stem", default=DEFAULT_STEM, help=f"file name stem (default {DEFAULT_STEM})"
-    )
+    parser.add_argument("--stem", default=DEFAULT_STEM,
+                        help=f"file name stem (default {DEFAULT_STEM})")
     args = parser.parse_args(argv)
     try:
         results = write_folds(args.ann, args.out, args.percents, args.folds, stem=args.stem)

@@ -171,11 +171,8 @@ def test_another_class_count_names_the_file_the_key_and_both_shapes(tmp_path):
         with pytest.raises(CheckpointError) as error:
             load(target, tmp_path)
         _one_line(
-            error,
-            str(file),
-            "student weight roi_heads.box_predictor.cls_score.weight",
-            "is [5, 256] in the checkpoint but [7, 256]",
-            "detector.num_classes: 4 there, 6 here",
+            error, str(file), "student weight roi_heads.box_predictor.cls_score.weight",
+            "is [5, 256] in the checkpoint but [7, 256]", "detector.num_classes: 4 there, 6 here",
         )
 
 
@@ -187,8 +184,6 @@ def test_weights_of_another_detector_are_one_line_too(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_weights(SoftTeacherTrainer(preset("smoke"), torch.device("cpu")), tmp_path)
     _one_line(
-        error,
-        "teacher weights do not fit this config's detector",
-        "1 missing, first ['rpn.head.conv.0.0.weight']",
-        "1 unexpected, first ['extra.weight']",
+        error, "teacher weights do not fit this config's detector",
+        "1 missing, first ['rpn.head.conv.0.0.weight']", "1 unexpected, first ['extra.weight']",
     )

@@ -159,7 +159,8 @@ def test_non_finite_bbox(tmp_path: Path) -> None:
 
 
 def test_duplicate_category_ids(tmp_path: Path) -> None:
-    content = _with(categories=[{"id": 1, "name": "a"}, {"id": 1, "name": "b"}], annotations=[])
+    content = _with(categories=[{"id": 1, "name": "a"}, {"id": 1, "name": "b"}],
+                    annotations=[])
     _assert_format_error(_write(tmp_path, content), "category id 1 appears twice")
 
 
@@ -220,9 +221,8 @@ def test_check_same_categories(tmp_path: Path) -> None:
         check_same_categories(labeled, other)
     assert "labeled.json" in str(info.value) and "other.json" in str(info.value)
 
-    fewer = load_coco(
-        _write(tmp_path, _with(categories=BASE["categories"][:2], annotations=[]), "fewer.json")
-    )
+    fewer = load_coco(_write(tmp_path, _with(categories=BASE["categories"][:2], annotations=[]),
+                             "fewer.json"))
     with pytest.raises(CocoFormatError, match="toothbrush"):
         check_same_categories(labeled, fewer)
 

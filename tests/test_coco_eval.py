@@ -45,21 +45,15 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> CocoDataset:
         Image.fromarray(pixels).save(root / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for category_id, x, y, w, h in objects:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
+                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
+            })
     categories = [{"id": c, "name": f"class_{c}"} for c in CATEGORY_IDS]
     ann_file = root / "instances.json"
-    ann_file.write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": categories})
-    )
+    ann_file.write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": categories}
+    ))
     return load_coco(ann_file, root)
 
 
@@ -70,9 +64,8 @@ class GroundTruthDetector(torch.nn.Module):
     the test does not reuse the code under test to compute it.
     """
 
-    def __init__(
-        self, dataset: CocoDataset, shift_by_half_width: bool = False, empty: bool = False
-    ) -> None:
+    def __init__(self, dataset: CocoDataset, shift_by_half_width: bool = False,
+                 empty: bool = False) -> None:
         super().__init__()
         self.records = list(dataset.records)
         self.shift_by_half_width = shift_by_half_width
@@ -98,7 +91,8 @@ class GroundTruthDetector(torch.nn.Module):
             labels = torch.as_tensor(record.labels, dtype=torch.int64)
             if self.empty:
                 boxes, labels = boxes[:0], labels[:0]
-            outputs.append({"boxes": boxes, "labels": labels, "scores": torch.ones(len(labels))})
+            outputs.append({"boxes": boxes, "labels": labels,
+                            "scores": torch.ones(len(labels))})
         return outputs
 
 
@@ -111,10 +105,8 @@ def test_ground_truth_scores_100_after_resize_and_label_mapping(dataset: CocoDat
     # The model saw resized views, not the originals.
     originals = [(r.width, r.height) for r in dataset.records]
     assert len(model.view_sizes) == len(originals)
-    assert all(
-        max(view) < max(original)
-        for view, original in zip(model.view_sizes, originals, strict=True)
-    )
+    assert all(max(view) < max(original)
+               for view, original in zip(model.view_sizes, originals, strict=True))
 
 
 def test_detections_are_in_original_pixels_and_category_ids(dataset: CocoDataset) -> None:
@@ -165,9 +157,8 @@ def test_predict_runs_in_eval_mode_and_restores_training(dataset: CocoDataset) -
     assert not eval_model.training
 
 
-def test_pycocotools_prints_are_silenced(
-    dataset: CocoDataset, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_pycocotools_prints_are_silenced(dataset: CocoDataset,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     evaluate(GroundTruthDetector(dataset), dataset, AUGMENT)
     assert capsys.readouterr().out == ""
 
@@ -175,14 +166,9 @@ def test_pycocotools_prints_are_silenced(
 def test_label_outside_the_dataset_is_a_clear_error(dataset: CocoDataset) -> None:
     class WrongClassCount(torch.nn.Module):
         def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-            return [
-                {
-                    "boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]),
-                    "labels": torch.tensor([dataset.num_classes + 1]),
-                    "scores": torch.tensor([0.9]),
-                }
-                for _ in images
-            ]
+            return [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]),
+                     "labels": torch.tensor([dataset.num_classes + 1]),
+                     "scores": torch.tensor([0.9])} for _ in images]
 
     with pytest.raises(DetectionMismatchError, match="num_classes"):
         predict(WrongClassCount(), dataset, AUGMENT, max_images=1)
@@ -192,3 +178,4 @@ def test_detections_of_another_file_are_a_clear_error(dataset: CocoDataset) -> N
     stranger = {"image_id": 999, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 1.0}
     with pytest.raises(DetectionMismatchError, match=r"999.*instances\.json"):
         coco_metrics(dataset, [stranger])
+

@@ -33,18 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     ("n", "percent", "expected"),
     [
-        (1, 1, 1),
-        (10, 1, 1),
-        (99, 1, 1),
-        (100, 1, 1),
-        (250, 1, 2),
-        (1000, 0.5, 5),
-        (20, 10, 2),
-        (7, 10, 1),
-        (118_287, 1, 1182),
-        (118_287, 5, 5914),
-        (118_287, 10, 11828),
-        (50, 100, 50),
+        (1, 1, 1), (10, 1, 1), (99, 1, 1), (100, 1, 1), (250, 1, 2), (1000, 0.5, 5),
+        (20, 10, 2), (7, 10, 1), (118_287, 1, 1182), (118_287, 5, 5914),
+        (118_287, 10, 11828), (50, 100, 50),
     ],
 )
 def test_labeled_count_is_exact(n: int, percent: float, expected: int) -> None:
@@ -80,15 +71,8 @@ def test_split_is_pinned_across_versions() -> None:
 
 @pytest.mark.parametrize(
     ("ids", "percent", "fold"),
-    [
-        ([1, 2], 0, 1),
-        ([1, 2], 101, 1),
-        ([1, 2], -1, 1),
-        ([1, 2], 10, -1),
-        ([1, 2], 10, 1.5),
-        ([], 10, 1),
-        ([1, 1, 2], 10, 1),
-    ],
+    [([1, 2], 0, 1), ([1, 2], 101, 1), ([1, 2], -1, 1), ([1, 2], 10, -1), ([1, 2], 10, 1.5),
+     ([], 10, 1), ([1, 1, 2], 10, 1)],
 )
 def test_bad_requests_raise(ids: list, percent: float, fold: int) -> None:
     with pytest.raises(FoldError):
@@ -98,8 +82,7 @@ def test_bad_requests_raise(ids: list, percent: float, fold: int) -> None:
 def test_file_names() -> None:
     out = Path("/x")
     assert fold_paths(out, 1, 1) == (
-        out / "instances_train2017.1@1.json",
-        out / "instances_train2017.1@1-unlabeled.json",
+        out / "instances_train2017.1@1.json", out / "instances_train2017.1@1-unlabeled.json"
     )
     assert fold_paths(out, 10.0, 5)[0].name == "instances_train2017.5@10.json"
     assert fold_paths(out, 0.5, 2)[1].name == "instances_train2017.2@0.5-unlabeled.json"
@@ -112,25 +95,13 @@ def _coco(num_images: int, anns_per_image: int = 2) -> dict:
         for i in range(1, num_images + 1)
     ]
     annotations = [
-        {
-            "id": len(images) * k + j,
-            "image_id": image["id"],
-            "category_id": 1 + k % 2,
-            "bbox": [1, 2, 10, 10],
-            "area": 100,
-            "iscrowd": 0,
-        }
-        for j, image in enumerate(images)
-        for k in range(anns_per_image)
+        {"id": len(images) * k + j, "image_id": image["id"], "category_id": 1 + k % 2,
+         "bbox": [1, 2, 10, 10], "area": 100, "iscrowd": 0}
+        for j, image in enumerate(images) for k in range(anns_per_image)
     ]
     categories = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
-    return {
-        "info": {"year": 2017},
-        "licenses": [{"id": 1, "name": "CC"}],
-        "images": images,
-        "annotations": annotations,
-        "categories": categories,
-    }
+    return {"info": {"year": 2017}, "licenses": [{"id": 1, "name": "CC"}],
+            "images": images, "annotations": annotations, "categories": categories}
 
 
 def _write(tmp_path: Path, content: dict) -> Path:
@@ -154,9 +125,8 @@ def test_write_fold_splits_images_and_keeps_unlabeled_annotations(tmp_path: Path
     assert {a["image_id"] for a in labeled["annotations"]} == set(expected_ids)
     assert len(unlabeled["annotations"]) == 72 == files.unlabeled_annotations
     assert files.labeled_annotations == 8
-    assert sorted(
-        labeled["annotations"] + unlabeled["annotations"], key=lambda a: a["id"]
-    ) == sorted(source["annotations"], key=lambda a: a["id"])
+    assert sorted(labeled["annotations"] + unlabeled["annotations"],
+                  key=lambda a: a["id"]) == sorted(source["annotations"], key=lambda a: a["id"])
     for part in (labeled, unlabeled):
         for key in ("info", "licenses", "categories"):
             assert part[key] == source[key]
@@ -195,25 +165,10 @@ def test_source_errors_name_the_file(tmp_path: Path) -> None:
 def test_cli_writes_the_files(tmp_path: Path) -> None:
     ann = _write(tmp_path, _coco(50))
     out = tmp_path / "folds"
-    command = [
-        sys.executable,
-        str(REPO / "experiments" / "prepare_folds.py"),
-        "--ann",
-        str(ann),
-        "--percents",
-        "1,0.5,10",
-        "--folds",
-        "1,2",
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    command = [sys.executable, str(REPO / "experiments" / "prepare_folds.py"), "--ann", str(ann),
+               "--percents", "1,0.5,10", "--folds", "1,2", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 12 and all(line.startswith("wrote ") for line in lines)
     assert (out / "instances_train2017.2@0.5-unlabeled.json").is_file()
@@ -221,9 +176,8 @@ def test_cli_writes_the_files(tmp_path: Path) -> None:
     rerun = subprocess.run(command, capture_output=True, text=True, check=True)
     assert all(line.startswith("unchanged ") for line in rerun.stdout.strip().splitlines())
 
-    failed = subprocess.run(
-        command[:3] + [str(tmp_path / "nope.json")] + command[4:], capture_output=True, text=True
-    )
+    failed = subprocess.run(command[:3] + [str(tmp_path / "nope.json")] + command[4:],
+                            capture_output=True, text=True)
     assert failed.returncode == 2 and "nope.json" in failed.stderr
 
 
@@ -231,10 +185,8 @@ def test_folds_of_a_train2017_sized_file_have_the_exact_counts(tmp_path: Path) -
     """118k images, one annotation each (COCO train2017's image count)."""
     ann = _write(tmp_path, _coco(118_287, anns_per_image=1))
     results = write_folds(ann, tmp_path / "folds", [1, 10], [1])
-    assert [(r.num_labeled, r.num_unlabeled) for r in results] == [
-        (1182, 117_105),
-        (11_828, 106_459),
-    ]
+    assert [(r.num_labeled, r.num_unlabeled) for r in results] == [(1182, 117_105),
+                                                                   (11_828, 106_459)]
     assert [r.labeled_annotations for r in results] == [1182, 11_828]
 
 
@@ -252,11 +204,8 @@ def _coco_root(tmp_path: Path, train: dict, val: dict) -> Path:
     [
         (["train2017"], [], "train2017/"),
         ([], ["instances_val2017.json"], "annotations/instances_val2017.json"),
-        (
-            ["val2017"],
-            ["instances_train2017.json"],
-            "val2017/, annotations/instances_train2017.json",
-        ),
+        (["val2017"], ["instances_train2017.json"],
+         "val2017/, annotations/instances_train2017.json"),
     ],
 )
 def test_a_coco_root_names_exactly_what_it_lacks(

@@ -48,9 +48,8 @@ def test_jpeg_decodes_close_to_the_original() -> None:
     assert np.abs(decoded.astype(int) - pixels).mean() < 8
 
 
-@pytest.mark.parametrize(
-    ("mode", "fmt"), [("L", "PNG"), ("L", "JPEG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("P", "PNG")]
-)
+@pytest.mark.parametrize(("mode", "fmt"), [("L", "PNG"), ("L", "JPEG"), ("RGBA", "PNG"),
+                                           ("CMYK", "JPEG"), ("P", "PNG")])
 def test_other_modes_become_three_channels(mode: str, fmt: str) -> None:
     decoded = decode_image(_encoded(_gradient(), fmt, mode), f"a.{fmt.lower()}")
     assert decoded.dtype == np.uint8 and decoded.shape == (24, 32, 3)
@@ -145,7 +144,7 @@ def test_local_rows_are_reproducible_and_resume_mid_epoch(smoke_fold) -> None:
     resumed = LocalRowStream(shards, plan, AUGMENT, start=n + 1)
     assert resumed.take(n).equals(whole.slice(n + 1, n)) and resumed.position == 2 * n + 1
     samples = labeled_samples(whole)
-    assert sorted(s.image_id for s in samples[:n]) == sorted(s.image_id for s in samples[n : 2 * n])
+    assert sorted(s.image_id for s in samples[:n]) == sorted(s.image_id for s in samples[n:2 * n])
     for sample in samples:
         assert sample.image.dtype == np.uint8 and sample.image.ndim == 3
         assert sample.boxes.shape == (len(sample.labels), 4)

@@ -97,9 +97,8 @@ def test_merged_file_holds_both_sets_and_a_supervised_run_trains_on_it(fold_sets
     assert merged.categories == labeled.categories
     by_id = {r.image_id: r for r in merged.records}
     for record in labeled.records:  # the labeled fold passes through unchanged
-        assert torch.equal(
-            torch.from_numpy(by_id[record.image_id].boxes), torch.from_numpy(record.boxes)
-        )
+        assert torch.equal(torch.from_numpy(by_id[record.image_id].boxes),
+                           torch.from_numpy(record.boxes))
     assert sum(len(by_id[i].boxes) for i in unlabeled.image_ids) == report.boxes_kept
 
     cfg = preset("smoke").replace(
@@ -121,11 +120,7 @@ def test_overlapping_labeled_and_unlabeled_sets_are_refused(fold_sets, tmp_path)
     clash = dataclasses.replace(unlabeled, records=unlabeled.records + labeled.records[:1])
     with pytest.raises(PseudoLabelError, match="shares image ids"):
         pseudo_label_offline(
-            _teacher(bias=12.0),
-            clash,
-            preset("smoke").augment,
-            0.9,
-            tmp_path / "x.json",
+            _teacher(bias=12.0), clash, preset("smoke").augment, 0.9, tmp_path / "x.json",
             labeled=labeled,
         )
     assert not (tmp_path / "x.json").exists()

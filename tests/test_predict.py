@@ -137,14 +137,8 @@ def trained_run(tmp_path_factory):
     no_checkpoint = find_or_start_child_run(parent, "unfinished", params={})
     log_json_artifact(no_checkpoint, "config.json", cfg.to_dict())
     log_json_artifact(no_checkpoint, "summary.json", {"metrics": {}})
-    return {
-        "uri": uri,
-        "run": child.run_id,
-        "unfinished": no_checkpoint.run_id,
-        "cfg": cfg,
-        "checkpoint": checkpoint_dir,
-        "trainer": trainer,
-    }
+    return {"uri": uri, "run": child.run_id, "unfinished": no_checkpoint.run_id,
+            "cfg": cfg, "checkpoint": checkpoint_dir, "trainer": trainer}
 
 
 def test_run_checkpoint_and_teacher_come_back_from_mlflow(trained_run):
@@ -204,24 +198,10 @@ def test_predict_cli_writes_overlays(trained_run, smoke_data, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "platform"))
     done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments" / "predict.py"),
-            "--run",
-            trained_run["run"],
-            "--images",
-            str(images),
-            "--out",
-            str(out),
-            "--tracking-uri",
-            trained_run["uri"],
-            "--ann",
-            str(fold.val_ann),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
+        [sys.executable, str(ROOT / "experiments" / "predict.py"), "--run", trained_run["run"],
+         "--images", str(images), "--out", str(out), "--tracking-uri", trained_run["uri"],
+         "--ann", str(fold.val_ann)],
+        capture_output=True, text=True, timeout=120, env=env,
     )
     assert done.returncode == 0, done.stderr
     assert "2 overlays of the teacher" in done.stdout
@@ -244,27 +224,14 @@ def test_predict_cli_reports_a_bad_class_file_in_one_line(trained_run, tmp_path,
     finally:
         sys.path.remove(str(ROOT / "experiments"))
     ann = tmp_path / "two_classes.json"
-    ann.write_text(
-        '{"images": [], "annotations": [], "categories": '
-        '[{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}'
-    )
+    ann.write_text('{"images": [], "annotations": [], "categories": '
+                   '[{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}')
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(_grey(50, 60)).save(images / "a.png")
-    code = predict.main(
-        [
-            "--run",
-            trained_run["run"],
-            "--images",
-            str(images),
-            "--out",
-            str(tmp_path / "out"),
-            "--tracking-uri",
-            trained_run["uri"],
-            "--ann",
-            str(ann),
-        ]
-    )
+    code = predict.main(["--run", trained_run["run"], "--images", str(images),
+                         "--out", str(tmp_path / "out"), "--tracking-uri", trained_run["uri"],
+                         "--ann", str(ann)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "2 categories but the detector has 4 classes" in err

@@ -131,14 +131,8 @@ def test_quality_metrics_keys_and_counts():
         f"pseudo_quality/{kind}_{t:g}" for t in THRESHOLDS for kind in ("precision", "recall")
     } | {
         f"pseudo_quality/{name}"
-        for name in (
-            "precision_fg",
-            "recall_fg",
-            "iou_score_corr",
-            "iou_variance_corr",
-            "boxes_per_image",
-            "gt_per_image",
-        )
+        for name in ("precision_fg", "recall_fg", "iou_score_corr", "iou_variance_corr",
+                     "boxes_per_image", "gt_per_image")
     }
     assert set(metrics) == expected
     assert "pseudo_quality/precision_0.95" in metrics  # the key MLflow shows
@@ -216,9 +210,7 @@ def test_measure_maps_boxes_back_to_original_pixels(unlabeled, monkeypatch):
             scale = torch.tensor([width / record.width, height / record.height] * 2)
             boxes.append(torch.as_tensor(record.boxes) * scale)
         return TeacherView(
-            features={},
-            image_sizes=[tuple(i.shape[1:]) for i in images],
-            boxes=boxes,
+            features={}, image_sizes=[tuple(i.shape[1:]) for i in images], boxes=boxes,
             labels=[torch.ones(len(b), dtype=torch.int64) for b in boxes],
             scores=[torch.full((len(b),), 0.99) for b in boxes],
             variances=[torch.full((len(b),), 0.01) for b in boxes],

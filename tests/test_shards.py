@@ -44,9 +44,7 @@ def test_layout_rows_sorted_and_split_by_rows_per_shard(dataset: CocoDataset, tm
     shard_set = write_shards(shuffled, tmp_path / "cache", rows_per_shard=10)
 
     assert [p.name for p in shard_set.files] == [
-        "part-00000.parquet",
-        "part-00001.parquet",
-        "part-00002.parquet",
+        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"
     ]
     assert shard_set.num_rows == 24 and shard_set.root == tmp_path / "cache" / shard_set.key
     tables = [pq.read_table(path) for path in shard_set.files]

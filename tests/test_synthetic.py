@@ -57,7 +57,9 @@ def test_images_do_not_depend_on_set_size_or_order() -> None:
     later = render_synthetic_image(big, "train", 5)
     again = render_synthetic_image(TINY, "train", 5)
     assert np.array_equal(later.image, again.image) and later.objects == again.objects
-    assert not np.array_equal(render_synthetic_image(TINY, "val", 5).image[:10], later.image[:10])
+    assert not np.array_equal(
+        render_synthetic_image(TINY, "val", 5).image[:10], later.image[:10]
+    )
 
 
 def test_files_are_valid_coco_with_boxes_inside_their_images(tmp_path: Path) -> None:
@@ -114,14 +116,8 @@ def test_category_count_and_all_shapes_used(num_classes: int) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [
-        {"num_classes": 11},
-        {"num_classes": 0},
-        {"min_size": 100, "max_size": 90},
-        {"min_objects": 0},
-        {"max_object_frac": 1.5},
-        {"num_val": 0},
-    ],
+    [{"num_classes": 11}, {"num_classes": 0}, {"min_size": 100, "max_size": 90},
+     {"min_objects": 0}, {"max_object_frac": 1.5}, {"num_val": 0}],
 )
 def test_bad_configs_are_rejected(change: dict, tmp_path: Path) -> None:
     with pytest.raises(SyntheticConfigError, match="SyntheticConfig"):

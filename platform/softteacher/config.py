@@ -166,9 +166,7 @@ class MethodConfig:
                 f"unknown method.variance_norm {self.variance_norm!r}; use 'paper' or 'original'"
             )
         _require_unit_interval(
-            "method",
-            self,
-            ("candidate_thr", "cls_thr", "rpn_thr"),
+            "method", self, ("candidate_thr", "cls_thr", "rpn_thr"),
             "it compares teacher scores, which are probabilities (the paper uses 0.9)",
         )
         _require_at_least(
@@ -251,17 +249,11 @@ class TrainConfig:
                 "whole state, the schedule continues) exclude each other; set one"
             )
         _require_at_least(
-            "train",
-            self,
-            ("max_steps", "labeled_per_step", "unlabeled_per_step"),
-            1,
+            "train", self, ("max_steps", "labeled_per_step", "unlabeled_per_step"), 1,
             "a run needs at least one step, and at least one image of each kind a step",
         )
         _require_at_least(
-            "train",
-            self,
-            ("eval_every", "ckpt_every", "log_every"),
-            1,
+            "train", self, ("eval_every", "ckpt_every", "log_every"), 1,
             "it is a number of steps (give a large one to do it rarely)",
         )
         _require_at_least(
@@ -367,7 +359,8 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> Experime
         hints = typing.get_type_hints(_SECTION_TYPES[section])
         if name not in hints:
             raise ValueError(
-                f"--set {override}: {section} has no field {name!r}; its fields: {', '.join(hints)}"
+                f"--set {override}: {section} has no field {name!r}; its fields: "
+                f"{', '.join(hints)}"
             )
         try:
             changes.setdefault(section, {})[name] = _parse_value(text.strip(), hints[name])
@@ -420,3 +413,5 @@ def _parse_value(text: str, hint: object) -> object:
     if hint is str:
         return text
     raise TypeError(f"apply_overrides cannot parse a {hint!r} field; teach _parse_value it")
+
+

@@ -141,9 +141,7 @@ def load_coco(
     images = _validated_images(ann_file, content["images"])
 
     slots, labels, boxes, crowd = _gather_annotations(
-        ann_file,
-        content["annotations"],
-        {image_id: i for i, image_id in enumerate(images)},
+        ann_file, content["annotations"], {image_id: i for i, image_id in enumerate(images)},
         cat_id_to_label,
     )
     sizes = np.array([(image["width"], image["height"]) for image in images.values()], float)
@@ -221,11 +219,9 @@ def _validated_images(ann_file: Path, raw: list) -> dict[int, dict]:
     images: dict[int, dict] = {}
     for index, image in enumerate(raw):
         if not isinstance(image, dict) or any(key not in image for key in IMAGE_KEYS):
-            missing = (
-                IMAGE_KEYS
-                if not isinstance(image, dict)
-                else [key for key in IMAGE_KEYS if key not in image]
-            )
+            missing = IMAGE_KEYS if not isinstance(image, dict) else [
+                key for key in IMAGE_KEYS if key not in image
+            ]
             raise CocoFormatError(
                 f"{ann_file}: image {index} lacks {list(missing)}; every image needs "
                 f"{list(IMAGE_KEYS)}"
@@ -247,10 +243,8 @@ def _validated_images(ann_file: Path, raw: list) -> dict[int, dict]:
                 "give each image its own id"
             )
         images[image["id"]] = {
-            "id": image["id"],
-            "file_name": image["file_name"],
-            "width": int(image["width"]),
-            "height": int(image["height"]),
+            "id": image["id"], "file_name": image["file_name"],
+            "width": int(image["width"]), "height": int(image["height"]),
         }
     return images
 
@@ -277,10 +271,7 @@ def _gather_annotations(
             x, y, w, h = box
             well_formed = (
                 type(box) is list
-                and isfinite(x)
-                and isfinite(y)
-                and isfinite(w)
-                and isfinite(h)
+                and isfinite(x) and isfinite(y) and isfinite(w) and isfinite(h)
                 and bool not in (type(x), type(y), type(w), type(h))
             )
         except (KeyError, TypeError, ValueError):
@@ -324,7 +315,8 @@ def _annotation_error(
             f"{sorted(cat_id_to_label)}: fix it or add the category to 'categories'"
         )
     return CocoFormatError(
-        f"{where} has malformed bbox {box!r}; it must be [x, y, width, height] of 4 finite numbers"
+        f"{where} has malformed bbox {box!r}; it must be [x, y, width, height] of 4 finite "
+        "numbers"
     )
 
 

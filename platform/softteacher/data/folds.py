@@ -120,27 +120,23 @@ def write_folds(
                 counts.append((len(chosen), sum(source.annotation_counts[i] for i in chosen)))
                 if _write_if_changed(path, content):
                     written.append(path)
-            results.append(
-                FoldFiles(
-                    fold=fold,
-                    percent=percent,
-                    labeled=labeled_path,
-                    unlabeled=unlabeled_path,
-                    num_labeled=counts[0][0],
-                    num_unlabeled=counts[1][0],
-                    labeled_annotations=counts[0][1],
-                    unlabeled_annotations=counts[1][1],
-                    written=tuple(written),
-                )
-            )
+            results.append(FoldFiles(
+                fold=fold,
+                percent=percent,
+                labeled=labeled_path,
+                unlabeled=unlabeled_path,
+                num_labeled=counts[0][0],
+                num_unlabeled=counts[1][0],
+                labeled_annotations=counts[0][1],
+                unlabeled_annotations=counts[1][1],
+                written=tuple(written),
+            ))
     return results
 
 
 def _check_request(percent: float, fold: int) -> None:
-    if (
-        isinstance(percent, bool)
-        or not isinstance(percent, numbers.Real)
-        or not (0 < percent <= 100)
+    if isinstance(percent, bool) or not isinstance(percent, numbers.Real) or not (
+        0 < percent <= 100
     ):
         raise FoldError(f"percent={percent!r} must be a number in (0, 100], e.g. 1, 5, 10 or 0.5")
     if isinstance(fold, bool) or not isinstance(fold, numbers.Integral) or fold < 0:

@@ -65,13 +65,8 @@ def synthetic_folds(
     key = hashlib.sha256(identity).hexdigest()[:10]
     dataset = ensure_synthetic_coco(Path(data_root) / f"synthetic-{key}", cfg)
     return _folds_of(
-        dataset.train_ann,
-        dataset.root / "folds",
-        percents,
-        folds,
-        dataset.val_ann,
-        dataset.train_images,
-        dataset.val_images,
+        dataset.train_ann, dataset.root / "folds", percents, folds,
+        dataset.val_ann, dataset.train_images, dataset.val_images,
     )
 
 
@@ -83,9 +78,8 @@ def check_coco_layout(coco_root: Path) -> None:
             f"--coco-root {root}: no such folder; give the folder that holds {COCO_TRAIN_IMAGES}/"
             f", {COCO_VAL_IMAGES}/ and annotations/ (the official COCO 2017 layout)"
         )
-    missing = [
-        f"{name}/" for name in (COCO_TRAIN_IMAGES, COCO_VAL_IMAGES) if not (root / name).is_dir()
-    ]
+    missing = [f"{name}/" for name in (COCO_TRAIN_IMAGES, COCO_VAL_IMAGES)
+               if not (root / name).is_dir()]
     missing += [name for name in (COCO_TRAIN_ANN, COCO_VAL_ANN) if not (root / name).is_file()]
     if missing:
         raise DatasetLayoutError(
@@ -111,13 +105,8 @@ def coco_folds(
     root = Path(coco_root)
     check_coco_layout(root)
     return _folds_of(
-        root / COCO_TRAIN_ANN,
-        Path(fold_dir),
-        percents,
-        folds,
-        root / COCO_VAL_ANN,
-        root / COCO_TRAIN_IMAGES,
-        root / COCO_VAL_IMAGES,
+        root / COCO_TRAIN_ANN, Path(fold_dir), percents, folds, root / COCO_VAL_ANN,
+        root / COCO_TRAIN_IMAGES, root / COCO_VAL_IMAGES,
     )
 
 

@@ -49,7 +49,9 @@ class AugmentActor:
 
     def __call__(self, ranges: pa.Table) -> pa.Table:
         starts, stops = ranges.column("start").to_pylist(), ranges.column("stop").to_pylist()
-        return pa.concat_tables([self._rows.rows(a, b) for a, b in zip(starts, stops, strict=True)])
+        return pa.concat_tables(
+            [self._rows.rows(a, b) for a, b in zip(starts, stops, strict=True)]
+        )
 
 
 class RayRowStream:

@@ -117,18 +117,8 @@ def content_key(
         name = record.file_name.encode("utf-8")
         boxes = np.ascontiguousarray(record.boxes, dtype="<f4").reshape(-1, 4)
         labels = np.ascontiguousarray(record.labels, dtype="<i8").reshape(-1)
-        digest.update(
-            struct.pack(
-                "<qqqqqqq",
-                record.image_id,
-                len(name),
-                record.width,
-                record.height,
-                len(boxes),
-                size,
-                mtime_ns,
-            )
-        )
+        digest.update(struct.pack("<qqqqqqq", record.image_id, len(name), record.width,
+                                  record.height, len(boxes), size, mtime_ns))
         digest.update(name)
         digest.update(boxes.tobytes())
         digest.update(labels.tobytes())

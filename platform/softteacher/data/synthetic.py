@@ -125,20 +125,8 @@ def _triangle(rng: np.random.Generator) -> tuple[list[Polygon], list[Polygon]]:
 
 def _cross(rng: np.random.Generator) -> tuple[list[Polygon], list[Polygon]]:
     a = rng.uniform(0.25, 0.4)  # half-width of an arm
-    points = [
-        (-a, -1),
-        (a, -1),
-        (a, -a),
-        (1, -a),
-        (1, a),
-        (a, a),
-        (a, 1),
-        (-a, 1),
-        (-a, a),
-        (-1, a),
-        (-1, -a),
-        (-a, -a),
-    ]
+    points = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a),
+              (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
     return [np.array(points, dtype=float)], []
 
 
@@ -277,10 +265,9 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     rows, cols = (int(n) for n in rng.integers(3, 9, size=2))
     start, end = rng.uniform(0, 255, size=(2, 3))
     angle = rng.uniform(0, 2 * np.pi)
-    ramp = (
-        np.cos(angle) * np.linspace(0, 1, cols)[None, :]
-        + np.sin(angle) * np.linspace(0, 1, rows)[:, None]
-    )
+    ramp = np.cos(angle) * np.linspace(0, 1, cols)[None, :] + np.sin(angle) * np.linspace(
+        0, 1, rows
+    )[:, None]
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
     coarse = start + ramp[..., None] * (end - start)
     coarse += rng.normal(0.0, rng.uniform(10.0, 35.0), size=(rows, cols, 3))
@@ -318,11 +305,8 @@ def _draw_clutter(rng: np.random.Generator, canvas: Image.Image) -> None:
             r = rng.uniform(0.1, 0.5) * short
             start = rng.uniform(0, 360)
             draw.arc(
-                (cx - r, cy - r, cx + r, cy + r),
-                start,
-                start + rng.uniform(40, 200),
-                fill=colour,
-                width=int(rng.integers(1, 4)),
+                (cx - r, cy - r, cx + r, cy + r), start, start + rng.uniform(40, 200),
+                fill=colour, width=int(rng.integers(1, 4)),
             )
         else:
             vertices = int(rng.integers(5, 10))
@@ -359,7 +343,8 @@ def _place_object(
     for _ in range(tries):
         fills, holes = SHAPES[name](rng)
         # Log-uniform size: small objects are as common as large ones per octave.
-        size = short * np.exp(rng.uniform(np.log(cfg.min_object_frac), np.log(cfg.max_object_frac)))
+        size = short * np.exp(rng.uniform(np.log(cfg.min_object_frac),
+                                          np.log(cfg.max_object_frac)))
         aspect = 1.0 if name in _NO_STRETCH else np.exp(rng.uniform(np.log(0.75), np.log(1.33)))
         angle = rng.uniform(0, 2 * np.pi)
         centre = rng.uniform(0, 1, size=2) * (width, height)
@@ -372,10 +357,8 @@ def _place_object(
             continue
         region = owner[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
         covered = np.bincount(region[mask], minlength=len(placed) + 1)
-        if any(
-            p.visible - covered[j] < _MIN_VISIBLE_FRACTION * p.pixels
-            for j, p in enumerate(placed, start=1)
-        ):
+        if any(p.visible - covered[j] < _MIN_VISIBLE_FRACTION * p.pixels
+               for j, p in enumerate(placed, start=1)):
             continue
         for j, p in enumerate(placed, start=1):
             p.visible -= int(covered[j])
@@ -447,10 +430,8 @@ def _paint(
         blurred = Image.fromarray(padded).filter(ImageFilter.GaussianBlur(p.blur))
         alpha = np.asarray(blurred, np.float32)[pad:-pad, pad:-pad] / 255.0
     angle = rng.uniform(0, 2 * np.pi)
-    ramp = (
-        np.cos(angle) * np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :]
-        + np.sin(angle) * np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None]
-    )
+    ramp = (np.cos(angle) * np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :]
+            + np.sin(angle) * np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None])
     shaded = np.asarray(colour, np.float32) + (ramp * rng.uniform(0.0, _MAX_SHADING))[..., None]
     alpha = alpha[..., None]
     patch = pixels[p.y0 : p.y0 + h, p.x0 : p.x0 + w]
@@ -513,20 +494,13 @@ def _write_annotations(ann_file: Path, cfg: SyntheticConfig, per_image: list) ->
     images, annotations = [], []
     for index, (width, height, objects) in enumerate(per_image):
         image_id = index + 1
-        images.append(
-            {"id": image_id, "file_name": _file_name(index), "width": width, "height": height}
-        )
+        images.append({"id": image_id, "file_name": _file_name(index),
+                       "width": width, "height": height})
         for category_id, (x, y, w, h) in objects:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
+                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
+            })
     content = {
         "info": {"description": "softteacher synthetic shapes", "version": GENERATOR_VERSION},
         "images": images,

@@ -105,14 +105,12 @@ def _to_coco(record: ImageRecord, found: Detections, dataset: CocoDataset) -> li
                 f"the model predicted label {label} but {dataset.ann_file} has labels "
                 f"1..{dataset.num_classes}; set detector.num_classes to {dataset.num_classes}"
             )
-        detections.append(
-            {
-                "image_id": record.image_id,
-                "category_id": dataset.label_to_cat_id[label],
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "score": float(score),
-            }
-        )
+        detections.append({
+            "image_id": record.image_id,
+            "category_id": dataset.label_to_cat_id[label],
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "score": float(score),
+        })
     return detections
 
 

@@ -22,16 +22,8 @@ from softteacher.eval.inference import Detections, detect
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Distinct, saturated colours that read on both light and dark backgrounds.
 PALETTE = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
 )
 DEFAULT_MIN_SIDE = 320
 TITLE_BACKGROUND = (255, 255, 255)
@@ -98,10 +90,8 @@ def side_by_side(
 ) -> Image.Image:
     """Images in one row, each under its title (e.g. supervised | Soft Teacher, Figure 4)."""
     if len(images) != len(titles) or not images:
-        raise ValueError(
-            f"side_by_side needs one title an image, got {len(images)} images "
-            f"and {len(titles)} titles"
-        )
+        raise ValueError(f"side_by_side needs one title an image, got {len(images)} images "
+                         f"and {len(titles)} titles")
     font = _font(max(12, min(min(im.size) for im in images) // 20))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     boxes = [probe.textbbox((0, 0), title, font=font) for title in titles]
@@ -112,12 +102,8 @@ def side_by_side(
     draw = ImageDraw.Draw(canvas)
     x = gap
     for im, title, (left, top, right, _) in zip(images, titles, boxes, strict=True):
-        draw.text(
-            (x + (im.width - (right - left)) / 2 - left, gap - top),
-            title,
-            fill=(0, 0, 0),
-            font=font,
-        )
+        draw.text((x + (im.width - (right - left)) / 2 - left, gap - top), title,
+                  fill=(0, 0, 0), font=font)
         canvas.paste(im.convert("RGB"), (x, strip))
         x += im.width + gap
     return canvas
@@ -126,11 +112,8 @@ def side_by_side(
 def detection_dicts(detections: Detections, class_names: Mapping[int, str]) -> list[dict]:
     """``Detections`` as the dicts ``draw_detections`` takes; unknown labels read "class k"."""
     return [
-        {
-            "box": box.tolist(),
-            "label": class_names.get(int(label), f"class {int(label)}"),
-            "score": float(score),
-        }
+        {"box": box.tolist(), "label": class_names.get(int(label), f"class {int(label)}"),
+         "score": float(score)}
         for box, label, score in zip(
             detections.boxes, detections.labels, detections.scores, strict=True
         )

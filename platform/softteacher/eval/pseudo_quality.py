@@ -139,13 +139,11 @@ def box_samples(cands: Sequence[CandidateBoxes], gts: Sequence[GroundTruth]) -> 
     for cand, (gt_boxes, _) in zip(cands, gts, strict=True):
         ious = match_to_ground_truth(cand, gt_boxes)
         for iou, score, variance in zip(ious, cand.scores, cand.variances, strict=True):
-            samples.append(
-                {
-                    "iou": float(iou),
-                    "score": float(score),
-                    "variance": float(variance) if math.isfinite(variance) else None,
-                }
-            )
+            samples.append({
+                "iou": float(iou),
+                "score": float(score),
+                "variance": float(variance) if math.isfinite(variance) else None,
+            })
     return samples
 
 
@@ -224,23 +222,16 @@ def measure_pseudo_labels(
                 ]
                 view = teacher_view(teacher, inputs, cfg)
                 for record, image, boxes, labels, scores, variances in zip(
-                    chunk,
-                    inputs,
-                    view.boxes,
-                    view.labels,
-                    view.scores,
-                    view.variances,
+                    chunk, inputs, view.boxes, view.labels, view.scores, view.variances,
                     strict=True,
                 ):
                     original = (record.height, record.width)
-                    cands.append(
-                        CandidateBoxes(
-                            boxes=boxes_to_original(boxes, image.shape[1:], original),
-                            labels=labels.cpu().numpy(),
-                            scores=scores.cpu().numpy().astype(np.float64),
-                            variances=variances.cpu().numpy().astype(np.float64),
-                        )
-                    )
+                    cands.append(CandidateBoxes(
+                        boxes=boxes_to_original(boxes, image.shape[1:], original),
+                        labels=labels.cpu().numpy(),
+                        scores=scores.cpu().numpy().astype(np.float64),
+                        variances=variances.cpu().numpy().astype(np.float64),
+                    ))
     finally:
         teacher.train(was_training)
     gts = [(record.boxes, record.labels) for record in records]

@@ -56,7 +56,9 @@ class KnownStrideRoIAlign(MultiScaleRoIAlign):
     def __init__(
         self, featmap_names: list[str], strides: list[int], sampling_ratio: int = 2
     ) -> None:
-        super().__init__(featmap_names=featmap_names, output_size=7, sampling_ratio=sampling_ratio)
+        super().__init__(
+            featmap_names=featmap_names, output_size=7, sampling_ratio=sampling_ratio
+        )
         self.scales = [1.0 / stride for stride in strides]
         self.map_levels = initLevelMapper(
             int(math.log2(strides[0])),

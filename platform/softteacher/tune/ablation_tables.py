@@ -75,7 +75,8 @@ class AblationTable:
         unknown = sorted(set(row_keys) - {row.key for row in self.rows})
         if unknown:
             raise AblationError(
-                f"{self.key} has no row(s) {unknown}; its rows are {[row.key for row in self.rows]}"
+                f"{self.key} has no row(s) {unknown}; its rows are "
+                f"{[row.key for row in self.rows]}"
             )
         rows = tuple(row for row in self.rows if row.key in row_keys)
         return AblationTable(self.key, self.caption, self.setting, rows)
@@ -101,16 +102,12 @@ TABLES: dict[str, AblationTable] = {
                 AblationRow("e2e", "E2E", _paper(30.0, 47.4, 32.4), "e2e"),
                 AblationRow("e2e_ema", "E2E+EMA", _paper(31.2, 48.8, 34.0), "e2e_ema"),
                 AblationRow(
-                    "soft_teacher",
-                    "E2E+EMA + soft teacher",
-                    _paper(33.6, 52.9, 36.6),
+                    "soft_teacher", "E2E+EMA + soft teacher", _paper(33.6, 52.9, 36.6),
                     "soft_teacher",
                 ),
                 AblationRow(
-                    "soft_teacher_jitter",
-                    "E2E+EMA + soft teacher + box jittering",
-                    _paper(34.2, 52.6, 37.3),
-                    "soft_teacher_jitter",
+                    "soft_teacher_jitter", "E2E+EMA + soft teacher + box jittering",
+                    _paper(34.2, 52.6, 37.3), "soft_teacher_jitter",
                 ),
             ),
         ),
