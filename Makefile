@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 sweep: $(STAMP)
 	$(BIN)/python experiments/fold_sweep.py $(SWEEP_ARGS)
 
+# Two test processes: the Ray tests spend much of their time starting processes, so two
+# overlap well on 2 cores; worksteal evens out the few long end-to-end tests.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal tests
 
 bench: $(STAMP)
 	$(BIN)/python experiments/benchmark_core.py

@@ -230,15 +230,16 @@ def test_sweep_table_keeps_indicator_and_jitter_rows_apart():
 
 @pytest.mark.ray
 def test_a_multi_stage_row_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
-    """Both stages and the labeling pass on the loopback cluster, the table files, and
-    the MLflow runs (the fold sweep's test covers the command line itself)."""
+    """Both stages (in process, the CPU default) and the labeling pass (a Ray task on the
+    loopback cluster), the table files, and the MLflow runs (the fold sweep's test covers
+    the command line itself; the Ray Train runner has tests of its own)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     results, data = tmp_path / "results", tmp_path / "data"
     settings = AblationSettings(
         preset="smoke",
         results_dir=str(results),
         data_dir=str(data),
-        resources=WorkerResources(num_workers=1, cpus_per_worker=1),
+        resources=WorkerResources(num_workers=0, cpus_per_worker=1),
         max_steps=4,
     )
     (table,) = select_tables("table6", "multi_stage")

@@ -77,32 +77,31 @@ def _comparable(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def test_same_seed_same_run_on_a_busy_machine_and_after_a_stop(ray_cluster, smoke_fold, tmp_path):
-    """One seed, two ways: uninterrupted on a quiet machine; and, with another process
-    hogging a core, stopped at step 5 and resumed from its checkpoint (the same run name)."""
-    first, losses, _ = _run(smoke_fold, tmp_path, "a")
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        part, head, _ = _run(smoke_fold, tmp_path, "resumed", max_steps=5)
-        rest, resumed, _ = _run(smoke_fold, tmp_path, "resumed")
-    finally:
-        hog.kill()
-
-    assert len(losses) == 8 and len(set(losses)) > 1
-    assert part.checkpoint is not None and head == losses[:5]
-    assert head + resumed == losses  # the resumed run logs steps 6-8 only
-    assert _weights_digest(first) == _weights_digest(rest)
-    assert _comparable(first.metrics) == _comparable(rest.metrics)
-
-    # The same run with its one worker in this process, stopped at step 5 and resumed.
+    """One seed, three ways: in this process uninterrupted (the reference); in this process
+    stopped at step 5 and resumed; and on Ray Train, with another process hogging a core,
+    stopped at step 5 and resumed from its checkpoint (the same run name)."""
+    in_process = WorkerResources(num_workers=0, cpus_per_worker=1)
     threads = torch.get_num_threads()
     try:
-        in_process = WorkerResources(num_workers=0, cpus_per_worker=1)
+        first, losses, _ = _run(smoke_fold, tmp_path, "reference", resources=in_process)
         part, head, _ = _run(smoke_fold, tmp_path, "in-process", max_steps=5, resources=in_process)
         kept = sorted(p.name for p in (tmp_path / "train" / "in-process").glob("checkpoint_*"))
         rest, resumed, _ = _run(smoke_fold, tmp_path, "in-process", resources=in_process)
     finally:
         torch.set_num_threads(threads)
+    assert len(losses) == 8 and len(set(losses)) > 1
     assert kept == ["checkpoint_000000004", "checkpoint_000000005"]
+    assert head == losses[:5] and head + resumed == losses  # the resumed run logs steps 6-8
+    assert _weights_digest(first) == _weights_digest(rest)
+    assert _comparable(first.metrics) == _comparable(rest.metrics)
+
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        part, head, _ = _run(smoke_fold, tmp_path, "ray-train", max_steps=5)
+        rest, resumed, _ = _run(smoke_fold, tmp_path, "ray-train")
+    finally:
+        hog.kill()
+    assert part.checkpoint is not None and head == losses[:5]
     assert head + resumed == losses
     assert _weights_digest(first) == _weights_digest(rest)
     assert _comparable(first.metrics) == _comparable(rest.metrics)

@@ -129,7 +129,7 @@ def test_a_failed_trial_fails_the_sweep_and_its_mlflow_runs(ray_cluster, tmp_pat
         overrides=(f"train.init_from={tmp_path / 'no-such-checkpoint'}",),
         results_dir=str(tmp_path / "results"),
         data_dir=str(tmp_path / "data"),
-        resources=WorkerResources(num_workers=1, cpus_per_worker=1, max_failures=2),
+        resources=WorkerResources(num_workers=1, cpus_per_worker=1, max_failures=1),
     )
     result = run_sweep(settings)
 
@@ -207,3 +207,20 @@ def test_shared_burn_in_runs_a_supervised_trial_first_for_each_ratio_and_fold():
     no_burn_in = base.replace(method={"burn_in_steps": 0})
     with pytest.raises(ValueError, match="burn_in_steps"):
         split_shared_burn_in(roots + branches, no_burn_in)
+
+
+def test_without_an_address_a_sweep_starts_a_cluster_of_its_own(monkeypatch):
+    """Beside another sweep's cluster, ray.init() would join the newest one and then refuse
+    num_cpus; a sweep without --address starts its own."""
+    import ray
+
+    from softteacher.tune import cluster
+
+    calls: list[dict] = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    cluster.start_or_join(num_cpus=2)
+    cluster.start_or_join(address="auto")
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] == 2
+    assert calls[1]["address"] == "auto" and "num_cpus" not in calls[1]

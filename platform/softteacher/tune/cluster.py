@@ -43,7 +43,10 @@ def start_or_join(
     if address:
         context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
+        # "local": a cluster of this sweep's own, even when another sweep's is running
+        # (without it, ray.init joins the newest cluster on the machine and refuses num_cpus)
         context = ray.init(
+            address="local",
             num_cpus=num_cpus or 2 * (os.cpu_count() or 1),
             include_dashboard=True,
             dashboard_host=DASHBOARD_HOST,
