@@ -150,11 +150,54 @@ def test_every_method_takes_a_finite_step(method):
     assert trainer.step_count == 1
 
 
-def test_non_finite_loss_is_reported_with_the_step():
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_loss_skips_the_step_and_is_counted(monkeypatch):
     trainer = SoftTeacherTrainer(_smoke(), torch.device("cpu"))
+    student, teacher = _weights(trainer.student), _weights(trainer.teacher)
+    forward = trainer.losses.forward
+    poisoned = {0}  # the first step's loss becomes NaN
+
+    def losses(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if trainer.step_count in poisoned:
+            out["sup_rpn_box"] = out["sup_rpn_box"] * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.losses, "forward", losses)
+    metrics = trainer.step(_labeled(0.5), None)
+    assert trainer.step_count == 1 and metrics["nonfinite_steps"] == 1
+    assert _same(student, _weights(trainer.student)) and _same(teacher, _weights(trainer.teacher))
+    assert all(p.grad is None for p in trainer.student.parameters())
+
+    metrics = trainer.step(_labeled(0.5), None)  # a finite step trains again
+    assert metrics["nonfinite_steps"] == 1 and not _same(student, _weights(trainer.student))
+    assert trainer.state_dict()["nonfinite_steps"] == 1
+
+
+def test_a_non_finite_gradient_of_a_finite_loss_is_skipped_too():
+    trainer = SoftTeacherTrainer(_smoke(), torch.device("cpu"))
+    weight = trainer.student.roi_heads.box_predictor.cls_score.weight
+    weight.register_hook(lambda grad: grad * float("inf"))
+    before = _weights(trainer.student)
+    metrics = trainer.step(_labeled(0.5), None)
+    assert np.isfinite(metrics["loss/total"]) and metrics["nonfinite_steps"] == 1
+    assert _same(before, _weights(trainer.student))
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_with_the_step_and_the_fix():
+    cfg = _smoke().replace(train={"max_nonfinite_in_a_row": 2})
+    trainer = SoftTeacherTrainer(cfg, torch.device("cpu"))
     with torch.no_grad():
         trainer.student.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="step 0"):
+    trainer.step(_labeled(0.5), None)  # the first is skipped
+    with pytest.raises(NonFiniteLossError, match=r"step 1, 2 step\(s\) in a row.*optim\.lr"):
         trainer.step(_labeled(0.5), None)
 
 

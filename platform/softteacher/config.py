@@ -237,6 +237,9 @@ class TrainConfig:
     # Ray's rolling checkpoints kept (the latest ones; a run's end-of-burn-in branch point is
     # kept apart): a checkpoint holds student, teacher and optimiser, ~150 MB at the CPU sizes
     keep_checkpoints: int = 2
+    # a step whose loss or gradient is NaN or infinite is skipped (no update) and counted in
+    # ``nonfinite_steps``; this many in a row stop the run with the reason
+    max_nonfinite_in_a_row: int = 3
     init_from: str | None = None  # a checkpoint folder: its student and teacher start the run
     # a checkpoint folder whose whole state (weights, optimiser, schedule, step, data
     # position) this new run continues from: a branch off another run at that step
@@ -258,6 +261,10 @@ class TrainConfig:
         )
         _require_at_least(
             "train", self, ("keep_checkpoints",), 1, "a run resumes from its latest checkpoint"
+        )
+        _require_at_least(
+            "train", self, ("max_nonfinite_in_a_row",), 1,
+            "it counts skipped steps in a row (1 stops at the first non-finite step)",
         )
 
     @property

@@ -18,6 +18,8 @@ STUDENT_AP = model_metric("student", "AP")
 FINAL_METRICS = tuple(model_metric(m, n) for m in MODELS for n in COCO_METRICS)
 FINAL_PREFIX = "final/"  # the final metrics of a trial's MLflow run: ``final/teacher/AP``
 LOSS_TOTAL = "loss/total"
+# Steps skipped so far because their loss or gradient was NaN or infinite.
+NONFINITE_STEPS = "nonfinite_steps"
 IMAGES_PER_S = "images_per_s"
 EVAL_STEP = "eval_step"
 # Steps a trial has trained up to its latest evaluation (from its branch point when it

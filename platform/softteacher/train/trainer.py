@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
+import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -24,11 +26,13 @@ from softteacher.model.pseudo_labels import (
     teacher_view,
 )
 from softteacher.model.soft_teacher import SUPERVISED_LOSSES, UNSUPERVISED_LOSSES, StudentLosses
+from softteacher.names import NONFINITE_STEPS
 from softteacher.train.optim import build_optimizer, build_scheduler
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; the last checkpoint is intact."""
+    """Losses or gradients stayed NaN or infinite for ``train.max_nonfinite_in_a_row``
+    steps; no update was applied, so the weights and every checkpoint are finite."""
 
 
 def seed_everything(seed: int) -> None:
@@ -70,6 +74,8 @@ class SoftTeacherTrainer:
         self.optimizer = build_optimizer(self.student, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.step_count = 0
+        self.nonfinite_steps = 0  # skipped for a NaN or infinite loss or gradient, in all
+        self._nonfinite_in_a_row = 0
 
     def unsup_weight(self, step: int) -> float:
         """``alpha`` of Eq. 1: zero during burn-in, then ramped linearly to ``unsup_weight``."""
@@ -87,6 +93,8 @@ class SoftTeacherTrainer:
         torch.manual_seed(step_seed(self.cfg.train.seed, self.rank, step))
         alpha = self.unsup_weight(step)
         self.student.train()
+        # BatchNorm statistics change in the forward: kept to undo on a skipped step
+        statistics = [buffer.clone() for buffer in self.student.buffers()]
         metrics: dict[str, float] = {}
         if alpha > 0.0 and unlabeled is not None:
             view = teacher_view(self.teacher, unlabeled.weak, self.cfg.method)
@@ -100,28 +108,59 @@ class SoftTeacherTrainer:
         total = sum(losses[k] for k in SUPERVISED_LOSSES) + alpha * sum(
             (losses[k] for k in UNSUPERVISED_LOSSES if k in losses), torch.zeros(())
         )
-        self._check_finite(total, losses)
         self.optimizer.zero_grad(set_to_none=True)
+        # backward even for a non-finite loss: under DDP every worker must join the gradient
+        # all-reduce, and the NaN it spreads makes every worker skip the same step
         total.backward()
-        if self.cfg.optim.grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.grad_clip_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        ema_update(self.teacher, self.student, ema_momentum(step, self.cfg.method))
+        grad_norm = self._grad_norm()
+        if bool(torch.isfinite(total)) and bool(torch.isfinite(grad_norm)):
+            if self.cfg.optim.grad_clip_norm is not None:
+                nn.utils.clip_grads_with_norm_(
+                    self.student.parameters(), self.cfg.optim.grad_clip_norm, grad_norm
+                )
+            self.optimizer.step()
+            ema_update(self.teacher, self.student, ema_momentum(step, self.cfg.method))
+            self._nonfinite_in_a_row = 0
+            self.scheduler.step()
+        else:
+            with torch.no_grad():
+                for buffer, saved in zip(self.student.buffers(), statistics, strict=True):
+                    buffer.copy_(saved)
+            self._skip_nonfinite(total, grad_norm, losses)
+            with warnings.catch_warnings():  # torch warns of a schedule stepped before an update
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()  # the schedule follows the step count, skips included
         self.step_count += 1
         metrics.update({f"loss/{k}": float(v.detach()) for k, v in losses.items()})
         metrics["loss/total"] = float(total.detach())
         metrics["unsup_weight"] = alpha
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics[NONFINITE_STEPS] = float(self.nonfinite_steps)
         return metrics
 
-    def _check_finite(self, total: Tensor, losses: dict[str, Tensor]) -> None:
-        if torch.isfinite(total):
-            return
+    def _grad_norm(self) -> Tensor:
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        return nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+    def _skip_nonfinite(self, total: Tensor, grad_norm: Tensor, losses: dict[str, Tensor]) -> None:
+        """Count a step left without an update; stop the run after too many in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
         parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-        raise NonFiniteLossError(
-            f"non-finite loss at step {self.step_count} ({parts}); lower optim.lr or raise "
-            "optim.warmup_steps, or set optim.grad_clip_norm; resume from the last checkpoint"
+        what = f"loss {float(total.detach()):.4g} ({parts}), gradient norm {float(grad_norm):.4g}"
+        limit = self.cfg.train.max_nonfinite_in_a_row
+        if self._nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {self.step_count}, {limit} step(s) in a "
+                f"row ({what}); lower optim.lr (--set optim.lr=...) or raise "
+                "optim.warmup_steps, or set optim.grad_clip_norm; resume from the last checkpoint"
+            )
+        print(
+            f"step {self.step_count}: non-finite {what}; step skipped "
+            f"({self._nonfinite_in_a_row} in a row, the run stops at {limit})",
+            file=sys.stderr,
+            flush=True,
         )
 
     def state_dict(self) -> dict:
@@ -131,6 +170,7 @@ class SoftTeacherTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step_count,
+            "nonfinite_steps": self.nonfinite_steps,
             "config": self.cfg.to_dict(),
         }
 
@@ -140,3 +180,4 @@ class SoftTeacherTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
