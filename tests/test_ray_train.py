@@ -8,6 +8,7 @@ import hashlib
 import math
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -76,35 +77,63 @@ def _comparable(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not math.isnan(v)}  # APl of tiny objects
 
 
-def test_same_seed_same_run_on_a_busy_machine_and_after_a_stop(ray_cluster, smoke_fold, tmp_path):
-    """One seed, three ways: in this process uninterrupted (the reference); in this process
-    stopped at step 5 and resumed; and on Ray Train, with another process hogging a core,
-    stopped at step 5 and resumed from its checkpoint (the same run name)."""
-    in_process = WorkerResources(num_workers=0, cpus_per_worker=1)
+IN_PROCESS = WorkerResources(num_workers=0, cpus_per_worker=1)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The uninterrupted in-process run the stopped and resumed runs must equal."""
+
+    losses: list[float]
+    weights: str
+    metrics: dict[str, float]
+
+
+@pytest.fixture
+def reference(ray_cluster, smoke_fold, tmp_path_factory) -> Reference:
+    """Made in each test that needs it: under xdist the two tests run in two processes."""
     threads = torch.get_num_threads()
     try:
-        first, losses, _ = _run(smoke_fold, tmp_path, "reference", resources=in_process)
-        part, head, _ = _run(smoke_fold, tmp_path, "in-process", max_steps=5, resources=in_process)
-        kept = sorted(p.name for p in (tmp_path / "train" / "in-process").glob("checkpoint_*"))
-        rest, resumed, _ = _run(smoke_fold, tmp_path, "in-process", resources=in_process)
+        result, losses, _ = _run(
+            smoke_fold, tmp_path_factory.mktemp("reference"), "reference", resources=IN_PROCESS
+        )
     finally:
         torch.set_num_threads(threads)
     assert len(losses) == 8 and len(set(losses)) > 1
-    assert kept == ["checkpoint_000000004", "checkpoint_000000005"]
-    assert head == losses[:5] and head + resumed == losses  # the resumed run logs steps 6-8
-    assert _weights_digest(first) == _weights_digest(rest)
-    assert _comparable(first.metrics) == _comparable(rest.metrics)
+    return Reference(losses, _weights_digest(result), _comparable(result.metrics))
 
+
+def test_same_seed_same_run_after_a_stop_in_process(reference, smoke_fold, tmp_path):
+    """Stopped at step 5 and resumed from its checkpoint (the same run name), in process."""
+    threads = torch.get_num_threads()
+    try:
+        part, head, _ = _run(smoke_fold, tmp_path, "in-process", max_steps=5, resources=IN_PROCESS)
+        kept = sorted(p.name for p in (tmp_path / "train" / "in-process").glob("checkpoint_*"))
+        rest, resumed, _ = _run(smoke_fold, tmp_path, "in-process", resources=IN_PROCESS)
+    finally:
+        torch.set_num_threads(threads)
+    assert kept == ["checkpoint_000000004", "checkpoint_000000005"]
+    assert head == reference.losses[:5]
+    assert head + resumed == reference.losses  # the resumed run logs steps 6-8 only
+    assert _weights_digest(rest) == reference.weights
+    assert _comparable(rest.metrics) == reference.metrics
+
+
+def test_same_seed_same_run_on_ray_train_on_a_busy_machine_and_after_a_stop(
+    reference, smoke_fold, tmp_path
+):
+    """On Ray Train, with another process hogging a core, stopped at step 5 and resumed:
+    the in-process run's losses, weights and metrics."""
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         part, head, _ = _run(smoke_fold, tmp_path, "ray-train", max_steps=5)
         rest, resumed, _ = _run(smoke_fold, tmp_path, "ray-train")
     finally:
         hog.kill()
-    assert part.checkpoint is not None and head == losses[:5]
-    assert head + resumed == losses
-    assert _weights_digest(first) == _weights_digest(rest)
-    assert _comparable(first.metrics) == _comparable(rest.metrics)
+    assert part.checkpoint is not None and head == reference.losses[:5]
+    assert head + resumed == reference.losses
+    assert _weights_digest(rest) == reference.weights
+    assert _comparable(rest.metrics) == reference.metrics
 
 
 def test_two_workers_spread_over_two_nodes(smoke_fold, tmp_path):
