@@ -113,7 +113,7 @@ class SoftTeacherTrainer:
         # all-reduce, and the NaN it spreads makes every worker skip the same step
         total.backward()
         grad_norm = self._grad_norm()
-        if bool(torch.isfinite(total)) and bool(torch.isfinite(grad_norm)):
+        if bool(torch.isfinite(total.detach() + grad_norm)):  # one host sync for both
             if self.cfg.optim.grad_clip_norm is not None:
                 nn.utils.clip_grads_with_norm_(
                     self.student.parameters(), self.cfg.optim.grad_clip_norm, grad_norm
@@ -121,15 +121,14 @@ class SoftTeacherTrainer:
             self.optimizer.step()
             ema_update(self.teacher, self.student, ema_momentum(step, self.cfg.method))
             self._nonfinite_in_a_row = 0
-            self.scheduler.step()
         else:
             with torch.no_grad():
                 for buffer, saved in zip(self.student.buffers(), statistics, strict=True):
                     buffer.copy_(saved)
             self._skip_nonfinite(total, grad_norm, losses)
-            with warnings.catch_warnings():  # torch warns of a schedule stepped before an update
-                warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()  # the schedule follows the step count, skips included
+        with warnings.catch_warnings():  # a first step skipped steps the schedule before an update
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()  # the schedule follows the step count, skipped steps included
         self.step_count += 1
         metrics.update({f"loss/{k}": float(v.detach()) for k, v in losses.items()})
         metrics["loss/total"] = float(total.detach())
