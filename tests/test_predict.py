@@ -15,10 +15,14 @@ from PIL import Image
 
 from softteacher.data.protocol import synthetic_folds
 from softteacher.eval.inference import (
+    TEACHER_FILE,
     RunArtifactError,
     boxes_to_original,
     detect,
+    export_teacher,
     load_detector,
+    load_logged_model,
+    load_model_folder,
     run_checkpoint,
 )
 from softteacher.eval.overlays import (
@@ -32,11 +36,13 @@ from softteacher.eval.overlays import (
     side_by_side,
 )
 from softteacher.presets import preset
+from softteacher.track.datasets import DataSplit
 from softteacher.track.mlflow_runs import (
     find_or_start_child_run,
     log_json_artifact,
     start_parent_run,
 )
+from softteacher.track.models import log_logged_model
 from softteacher.train.checkpoint import save_checkpoint
 from softteacher.train.trainer import SoftTeacherTrainer
 
@@ -134,11 +140,23 @@ def trained_run(tmp_path_factory):
     child = find_or_start_child_run(parent, "r10-f1-soft_teacher_jitter", params={})
     log_json_artifact(child, "config.json", cfg.to_dict())
     log_json_artifact(child, "summary.json", {"checkpoint": str(checkpoint_dir), "metrics": {}})
+    val = DataSplit("10% fold 1 val", "abc123", root / "val.json", 20, "evaluation")
+    exported = export_teacher(checkpoint_dir, cfg, root / "export")
+    model_id = log_logged_model(
+        child, "r10-f1-soft_teacher_jitter-fg0.7", exported,
+        {"teacher/AP": 12.5, "teacher/AP50": 30.0}, trained_steps=40, evaluated_on=val,
+    )
+    weaker = find_or_start_child_run(parent, "r10-f1-supervised", params={})
+    weaker_id = log_logged_model(
+        weaker, "r10-f1-supervised", root / "export", {"teacher/AP": 3.0}, trained_steps=40
+    )
     no_checkpoint = find_or_start_child_run(parent, "unfinished", params={})
     log_json_artifact(no_checkpoint, "config.json", cfg.to_dict())
     log_json_artifact(no_checkpoint, "summary.json", {"metrics": {}})
     return {"uri": uri, "run": child.run_id, "unfinished": no_checkpoint.run_id,
-            "cfg": cfg, "checkpoint": checkpoint_dir, "trainer": trainer}
+            "cfg": cfg, "checkpoint": checkpoint_dir, "trainer": trainer,
+            "experiment_id": parent.experiment_id, "model_id": model_id, "weaker_id": weaker_id,
+            "export": root / "export"}
 
 
 def test_run_checkpoint_and_teacher_come_back_from_mlflow(trained_run):
@@ -153,6 +171,55 @@ def test_run_checkpoint_and_teacher_come_back_from_mlflow(trained_run):
         student.roi_heads.box_predictor.cls_score.bias,
         teacher.roi_heads.box_predictor.cls_score.bias,
     )
+
+
+def test_the_best_logged_model_is_found_by_its_map_and_loads_as_the_teacher(trained_run):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(trained_run["uri"])
+    found = client.search_logged_models(
+        [trained_run["experiment_id"]],
+        order_by=[{"field_name": "metrics.final/teacher/AP", "ascending": False}],
+    )
+    assert [m.model_id for m in found] == [trained_run["model_id"], trained_run["weaker_id"]]
+    best = found[0]
+    assert best.status == mlflow.entities.LoggedModelStatus.READY
+    assert best.source_run_id == trained_run["run"]
+    assert best.name == "r10-f1-soft_teacher_jitter-fg0_7"  # MLflow refuses '.' in a name
+    linked = {m.key: (m.value, m.dataset_name) for m in best.metrics}
+    assert linked["final/teacher/AP"] == (12.5, "10% fold 1 val")
+    # the same values are the run's final metrics, and the run lists the model as its output
+    run = client.get_run(trained_run["run"])
+    assert run.data.metrics["final/teacher/AP"] == 12.5
+    assert [o.model_id for o in run.outputs.model_outputs] == [trained_run["model_id"]]
+    by_dataset = client.search_logged_models(
+        [trained_run["experiment_id"]], datasets=[{"dataset_name": "10% fold 1 val"}]
+    )
+    assert [m.model_id for m in by_dataset] == [trained_run["model_id"]]
+
+    teacher, cfg = load_logged_model(trained_run["uri"], f"models:/{best.model_id}")
+    assert cfg == trained_run["cfg"]
+    for name, value in trained_run["trainer"].teacher.state_dict().items():
+        assert torch.equal(teacher.state_dict()[name], value), name
+    # a third of the checkpoint: no student, no optimiser state
+    exported = (trained_run["export"] / TEACHER_FILE).stat().st_size
+    assert exported < 0.5 * (trained_run["checkpoint"] / "checkpoint.pt").stat().st_size
+
+
+def test_logged_model_errors_are_one_line_with_the_fix(trained_run, tmp_path):
+    with pytest.raises(RunArtifactError, match="check --model and --tracking-uri"):
+        load_logged_model(trained_run["uri"], "models:/m-0000")
+    with pytest.raises(RunArtifactError, match="not a logged model.s URI"):
+        load_logged_model(trained_run["uri"], "runs:/abc/model")
+    with pytest.raises(RunArtifactError, match="teacher.pt not found"):
+        load_model_folder(tmp_path)
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((trained_run["export"] / "config.json").read_bytes())
+    (folder / TEACHER_FILE).write_bytes((trained_run["export"] / TEACHER_FILE).read_bytes()[:500])
+    with pytest.raises(RunArtifactError, match="truncated or not a teacher export"):
+        load_model_folder(folder)
 
 
 def test_run_errors_are_one_line_with_the_fix(trained_run, tmp_path):
@@ -205,6 +272,17 @@ def test_predict_cli_writes_overlays(trained_run, smoke_data, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "2 overlays of the teacher" in done.stdout
+    by_model = tmp_path / "by_model"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "predict.py"),
+         "--model", f"models:/{trained_run['model_id']}", "--images", str(images),
+         "--out", str(by_model), "--tracking-uri", trained_run["uri"], "--ann", str(fold.val_ann)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"2 overlays of model models:/{trained_run['model_id']}" in done.stdout
+    for name in ("000001.png", "000002.png"):  # the logged teacher draws what the run's does
+        assert (by_model / name).read_bytes() == (out / name).read_bytes()
     assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png"]
     for path in out.iterdir():
         assert path.stat().st_size > 1024

@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from softteacher.presets import preset
 from softteacher.run.spec import WorkerResources
 from softteacher.track.mlflow_runs import PARENT_TAG as PARENT
+from softteacher.track.models import model_name
 from softteacher.tune.grid import SweepSettings, split_shared_burn_in
 from softteacher.tune.sweep import SweepResult, run_sweep
 
@@ -94,6 +96,20 @@ def test_sweep_command_records_runs_branches_off_the_burn_in_and_resumes(tmp_pat
         d.dataset.name: d.dataset.digest for d in supervised.inputs.dataset_inputs
     } | {"10% fold 1 unlabeled": labeled["10% fold 1 unlabeled"]}  # the same split, the same digest
     assert client.get_metric_history(soft.info.run_id, "pseudo/cls_per_image")
+    # each trial's final teacher is a READY logged model, its mAP linked to it and the val set
+    models = client.search_logged_models(
+        [experiment.experiment_id],
+        order_by=[{"field_name": "metrics.final/teacher/AP", "ascending": False}],
+    )
+    assert {m.source_run_id for m in models} == {supervised.info.run_id, soft.info.run_id}
+    for model in models:
+        run = client.get_run(model.source_run_id)
+        linked = {m.key: m for m in model.metrics}
+        assert linked["final/teacher/AP"].value == run.data.metrics["final/teacher/AP"]
+        assert linked["final/teacher/AP"].dataset_name == "val"
+        assert model.name == model_name(run.info.run_name)
+        assert model.status == LoggedModelStatus.READY
+        assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
     burn_in = preset("smoke").method.burn_in_steps
     branch = Path(soft.data.params["train.branch_from"])
     assert branch.parent.name.endswith(supervised.info.run_name)

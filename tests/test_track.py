@@ -264,7 +264,7 @@ def test_lock_errors_are_retried_and_others_raised_at_once(monkeypatch):
             raise MlflowException("(sqlite3.OperationalError) database is locked")
         return x * 2
 
-    assert mlflow_runs._with_lock_retry(locked_twice, 4) == 8 and len(calls) == 3
+    assert mlflow_runs.with_lock_retry(locked_twice, 4) == 8 and len(calls) == 3
 
     def broken():
         calls.append("broken")
@@ -272,7 +272,7 @@ def test_lock_errors_are_retried_and_others_raised_at_once(monkeypatch):
 
     calls.clear()
     with pytest.raises(MlflowException, match="no such run"):
-        mlflow_runs._with_lock_retry(broken)
+        mlflow_runs.with_lock_retry(broken)
     assert calls == ["broken"]
 
 

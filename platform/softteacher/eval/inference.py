@@ -1,4 +1,5 @@
-"""A trained detector outside training: find a run's checkpoint, rebuild it, run it on arrays.
+"""A trained detector outside training: find a run's checkpoint or logged model, rebuild it,
+run it on arrays.
 
 The detector never resizes by itself, so inference here is the evaluation's own: the test
 resize (``resize_for_test``), then boxes scaled back to the original pixels axis by axis.
@@ -25,12 +26,16 @@ from torchvision.models.detection import FasterRCNN
 from softteacher.config import AugmentConfig, ExperimentConfig
 from softteacher.data.collate import image_tensor
 from softteacher.data.transforms import resize_for_test
+from softteacher.files import atomic_open
 from softteacher.model.detector import build_detector
 from softteacher.train.checkpoint import CHECKPOINT_FILE, read_checkpoint
 
 ModelChoice = Literal["teacher", "student"]
 SUMMARY_ARTIFACT = "summary.json"
 CONFIG_ARTIFACT = "config.json"
+# An exported model folder (an MLflow LoggedModel's artifacts): the teacher's weights alone
+# and the config that rebuilds its detector.
+TEACHER_FILE = "teacher.pt"
 
 
 class RunArtifactError(FileNotFoundError):
@@ -139,17 +144,94 @@ def load_detector(
         )
     device = device or torch.device("cpu")
     state = read_checkpoint(file.parent, device)
+    return _detector_with(state[which], cfg, f"{file}: the {which} weights", device)
+
+
+def export_teacher(checkpoint_dir: Path, cfg: ExperimentConfig, out_dir: Path) -> Path:
+    """Write the checkpoint's teacher and ``cfg`` to ``out_dir`` (``teacher.pt``,
+    ``config.json``): a model to keep without the student, optimiser and data position that
+    make up most of a checkpoint."""
+    state = read_checkpoint(Path(checkpoint_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out_dir / TEACHER_FILE) as handle:
+        torch.save({"teacher": state["teacher"]}, handle)
+    config_text = json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
+    (out_dir / CONFIG_ARTIFACT).write_text(config_text)
+    return out_dir
+
+
+def load_model_folder(
+    folder: Path, device: torch.device | None = None
+) -> tuple[FasterRCNN, ExperimentConfig]:
+    """The teacher and config that ``export_teacher`` wrote to ``folder``, in eval mode."""
+    file, config_file = Path(folder) / TEACHER_FILE, Path(folder) / CONFIG_ARTIFACT
+    for needed in (file, config_file):
+        if not needed.is_file():
+            raise RunArtifactError(
+                f"{needed} not found; a model folder holds {TEACHER_FILE} and "
+                f"{CONFIG_ARTIFACT} (a sweep trial's logged model)"
+            )
+    cfg = _config_from(json.loads(config_file.read_text()), str(config_file))
+    device = device or torch.device("cpu")
+    try:
+        weights = torch.load(file, map_location=device, weights_only=True)["teacher"]
+    except (RuntimeError, EOFError, KeyError, TypeError, OSError) as error:
+        raise RunArtifactError(
+            f"{file}: unreadable ({type(error).__name__}), the file is truncated or not a "
+            "teacher export; log the model again from the run's checkpoint"
+        ) from None
+    return _detector_with(weights, cfg, f"{file}: the teacher weights", device), cfg
+
+
+def load_logged_model(
+    tracking_uri: str, model_uri: str, device: torch.device | None = None
+) -> tuple[FasterRCNN, ExperimentConfig]:
+    """A sweep trial's logged teacher by its MLflow model URI, ``models:/m-<id>``,
+    downloaded from ``tracking_uri``'s store and rebuilt.
+
+    The model is looked up here rather than by ``download_artifacts("models:/...")``, which
+    resolves a model id against MLflow's global tracking URI, not the one it is given.
+    """
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    model_id = model_uri.removeprefix("models:/").strip("/")
+    if not model_uri.startswith("models:/") or not model_id or "/" in model_id:
+        raise RunArtifactError(
+            f"model {model_uri!r} is not a logged model's URI; give models:/m-<id> "
+            "(mlflow.search_logged_models lists a sweep's models)"
+        )
+    with tempfile.TemporaryDirectory(prefix="softteacher-model-") as tmp:
+        try:
+            location = MlflowClient(tracking_uri).get_logged_model(model_id).artifact_location
+            local = download_artifacts(
+                artifact_uri=location, dst_path=tmp, tracking_uri=tracking_uri
+            )
+        except (MlflowException, OSError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise RunArtifactError(
+                f"model {model_uri} in {tracking_uri}: cannot download it ({reason}); "
+                "check --model and --tracking-uri (mlflow.search_logged_models lists them)"
+            ) from None
+        return load_model_folder(Path(local), device)
+
+
+def _detector_with(
+    weights: dict, cfg: ExperimentConfig, what: str, device: torch.device
+) -> FasterRCNN:
+    """``cfg``'s detector holding ``weights``, without reading its backbone weights file."""
     with warnings.catch_warnings():
-        # r50-fpn warns about random init when it has no backbone file; the checkpoint fills it.
+        # r50-fpn warns about random init when it has no backbone file; the weights fill it.
         warnings.simplefilter("ignore", UserWarning)
         model = build_detector(dataclasses.replace(cfg.detector, backbone_weights=None))
     try:
-        model.load_state_dict(state[which])
+        model.load_state_dict(weights)
     except RuntimeError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise RunArtifactError(
-            f"{file}: the {which} weights do not fit the config's detector ({lines[-1][:200]}); "
-            "pass the config.json of the run that wrote this checkpoint"
+            f"{what} do not fit the config's detector ({lines[-1][:200]}); "
+            "pass the config.json of the run that wrote them"
         ) from None
     return model.to(device).eval()
 
@@ -164,14 +246,18 @@ def run_checkpoint(tracking_uri: str, run_id: str) -> RunCheckpoint:
             f"run {run_id}: {SUMMARY_ARTIFACT} names no checkpoint (the trial ended before its "
             "first one); rerun the trial with a smaller train.ckpt_every"
         )
+    cfg = _config_from(config, f"run {run_id}: {CONFIG_ARTIFACT}")
+    return RunCheckpoint(Path(summary["checkpoint"]), cfg)
+
+
+def _config_from(payload: dict, where: str) -> ExperimentConfig:
     try:
-        cfg = ExperimentConfig.from_dict(config)
+        return ExperimentConfig.from_dict(payload)
     except (KeyError, TypeError) as error:
         raise RunArtifactError(
-            f"run {run_id}: {CONFIG_ARTIFACT} is not an ExperimentConfig ({error}); "
+            f"{where} is not an ExperimentConfig ({error}); "
             "was it written by this version of softteacher?"
         ) from None
-    return RunCheckpoint(Path(summary["checkpoint"]), cfg)
 
 
 def _json_artifact(tracking_uri: str, run_id: str, name: str) -> dict:

@@ -99,10 +99,10 @@ def start_parent_run(
     tags: Mapping[str, str] | None = None,
 ) -> RunRef:
     """A new sweep run in ``experiment`` (created on first use, artifacts next to the db)."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     experiment_id = _experiment_id(client, tracking_uri, experiment)
     str_tags = {k: str(v) for k, v in (tags or {}).items()}
-    run = _with_lock_retry(client.create_run, experiment_id, run_name=run_name, tags=str_tags)
+    run = with_lock_retry(client.create_run, experiment_id, run_name=run_name, tags=str_tags)
     ref = RunRef(tracking_uri, run.info.run_id, experiment_id)
     log_params(ref, params)
     return ref
@@ -114,8 +114,8 @@ def resume_parent_run(tracking_uri: str, experiment: str, run_name: str) -> RunR
     Resuming keeps an interrupted sweep's finished trials under one parent instead of two;
     rerunning a finished sweep (same settings, same name) reports into the same parent.
     """
-    client = _client(tracking_uri)
-    found = _with_lock_retry(client.get_experiment_by_name, experiment)
+    client = mlflow_client(tracking_uri)
+    found = with_lock_retry(client.get_experiment_by_name, experiment)
     if found is None or found.lifecycle_stage != "active":
         return None
     runs = _search_all(
@@ -126,7 +126,7 @@ def resume_parent_run(tracking_uri: str, experiment: str, run_name: str) -> RunR
     )
     for run in runs:
         if PARENT_TAG not in run.data.tags:
-            _with_lock_retry(client.update_run, run.info.run_id, status="RUNNING")
+            with_lock_retry(client.update_run, run.info.run_id, status="RUNNING")
             return RunRef(tracking_uri, run.info.run_id, found.experiment_id)
     return None
 
@@ -142,17 +142,17 @@ def find_or_start_child_run(
     A FINISHED child is returned untouched (the caller skips the trial); an interrupted one
     is set RUNNING and gets the params it does not have yet.
     """
-    client = _client(parent.tracking_uri)
+    client = mlflow_client(parent.tracking_uri)
     existing = _child_runs(client, parent, run_name)
     finished = [run for run in existing if run.info.status == "FINISHED"]
     if finished:
         return RunRef(parent.tracking_uri, finished[0].info.run_id, parent.experiment_id)
     if existing:
         run_id = existing[0].info.run_id
-        _with_lock_retry(client.update_run, run_id, status="RUNNING")
+        with_lock_retry(client.update_run, run_id, status="RUNNING")
     else:
         all_tags = {**{k: str(v) for k, v in (tags or {}).items()}, PARENT_TAG: parent.run_id}
-        run = _with_lock_retry(
+        run = with_lock_retry(
             client.create_run, parent.experiment_id, run_name=run_name, tags=all_tags
         )
         run_id = run.info.run_id
@@ -163,7 +163,7 @@ def find_or_start_child_run(
 
 def find_child_run(parent: RunRef, run_name: str) -> RunRef | None:
     """The latest child run of ``parent`` named ``run_name``, if any."""
-    existing = _child_runs(_client(parent.tracking_uri), parent, run_name)
+    existing = _child_runs(mlflow_client(parent.tracking_uri), parent, run_name)
     if not existing:
         return None
     return RunRef(parent.tracking_uri, existing[-1].info.run_id, parent.experiment_id)
@@ -200,7 +200,7 @@ def system_metrics(run: RunRef, interval_s: float = 10.0) -> Iterator[None]:
 
 
 def log_dataset_inputs(run: RunRef, inputs: Sequence[DatasetInput]) -> None:
-    _with_lock_retry(_client(run.tracking_uri).log_inputs, run.run_id, datasets=list(inputs))
+    with_lock_retry(mlflow_client(run.tracking_uri).log_inputs, run.run_id, datasets=list(inputs))
 
 
 def log_params(run: RunRef, params: Mapping[str, object]) -> None:
@@ -209,14 +209,14 @@ def log_params(run: RunRef, params: Mapping[str, object]) -> None:
     A resumed run whose value differs keeps the first value, and the new one is recorded as
     tag ``changed_on_resume/<key>`` with a warning, so a mixed run is visible, not fatal.
     """
-    client = _client(run.tracking_uri)
-    logged = _with_lock_retry(client.get_run, run.run_id).data.params
+    client = mlflow_client(run.tracking_uri)
+    logged = with_lock_retry(client.get_run, run.run_id).data.params
     wanted = {sanitize_key(k): _param_value(v) for k, v in params.items()}
     new = [Param(k, v) for k, v in wanted.items() if k not in logged]
     changed = {k: v for k, v in wanted.items() if k in logged and logged[k] != v}
     for start in range(0, len(new), MAX_PARAMS_PER_BATCH):
         batch = new[start : start + MAX_PARAMS_PER_BATCH]
-        _with_lock_retry(client.log_batch, run.run_id, params=batch)
+        with_lock_retry(client.log_batch, run.run_id, params=batch)
     if changed:
         _logger.warning(
             "run %s keeps its first values of params %s; new values are in tags "
@@ -229,9 +229,9 @@ def log_params(run: RunRef, params: Mapping[str, object]) -> None:
 
 def set_tags(run: RunRef, tags: Mapping[str, object]) -> None:
     """Tags can change over a run's life (unlike params): checkpoint paths, trial state."""
-    client = _client(run.tracking_uri)
+    client = mlflow_client(run.tracking_uri)
     for key, value in tags.items():
-        _with_lock_retry(client.set_tag, run.run_id, key, _param_value(value))
+        with_lock_retry(client.set_tag, run.run_id, key, _param_value(value))
 
 
 def log_metrics(run: RunRef, metrics: Mapping[str, float], step: int) -> None:
@@ -245,10 +245,10 @@ def log_metrics(run: RunRef, metrics: Mapping[str, float], step: int) -> None:
             _logger.debug("run %s step %d: skipped non-finite %s=%s", run.run_id, step, key, value)
             continue
         entries.append(Metric(sanitize_key(key), number, timestamp_ms, int(step)))
-    client = _client(run.tracking_uri)
+    client = mlflow_client(run.tracking_uri)
     for start in range(0, len(entries), MAX_METRICS_PER_BATCH):
         batch = entries[start : start + MAX_METRICS_PER_BATCH]
-        _with_lock_retry(client.log_batch, run.run_id, metrics=batch)
+        with_lock_retry(client.log_batch, run.run_id, metrics=batch)
 
 
 def log_final_metrics(run: RunRef, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -272,23 +272,23 @@ def log_json_artifact(
 
 def log_file_artifact(run: RunRef, path: Path, artifact_path: str | None = None) -> None:
     """Copy a local file into the run's artifacts (the path is resolved before Ray moves on)."""
-    client = _client(run.tracking_uri)
+    client = mlflow_client(run.tracking_uri)
     local = str(Path(path).resolve())
-    _with_lock_retry(client.log_artifact, run.run_id, local, artifact_path)
+    with_lock_retry(client.log_artifact, run.run_id, local, artifact_path)
 
 
 def finish_run(run: RunRef, status: str = "FINISHED") -> None:
     """End the run as FINISHED, FAILED or KILLED."""
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise ValueError(f"run status {status!r} is not one of FINISHED, FAILED, KILLED")
-    client = _client(run.tracking_uri)
-    _with_lock_retry(client.set_terminated, run.run_id, status=status)
+    client = mlflow_client(run.tracking_uri)
+    with_lock_retry(client.set_terminated, run.run_id, status=status)
 
 
 def run_status(run: RunRef) -> str:
     """RUNNING, FINISHED, FAILED, KILLED or SCHEDULED."""
-    client = _client(run.tracking_uri)
-    status = _with_lock_retry(client.get_run, run.run_id).info.status
+    client = mlflow_client(run.tracking_uri)
+    status = with_lock_retry(client.get_run, run.run_id).info.status
     return status if isinstance(status, str) else RunStatus.to_string(status)
 
 
@@ -315,17 +315,17 @@ def git_commit(repo_dir: Path) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _client(tracking_uri: str) -> MlflowClient:
+def mlflow_client(tracking_uri: str) -> MlflowClient:
     """One client (and one sqlite engine) per URI and process."""
     return MlflowClient(tracking_uri)
 
 
 def _experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
     """Get or create the experiment; a concurrent creator winning the race is fine."""
-    found = _with_lock_retry(client.get_experiment_by_name, name)
+    found = with_lock_retry(client.get_experiment_by_name, name)
     if found is None:
         try:
-            return _with_lock_retry(
+            return with_lock_retry(
                 client.create_experiment,
                 name,
                 artifact_location=_artifact_location(tracking_uri),
@@ -361,7 +361,7 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str, or
     """Every match, page by page (a sweep can have more children than one page)."""
     runs, token = [], None
     while True:
-        page = _with_lock_retry(
+        page = with_lock_retry(
             client.search_runs, [experiment_id], filter_string, order_by=order_by, page_token=token
         )
         runs.extend(page)
@@ -386,7 +386,7 @@ def _param_value(value: object) -> str:
     return text[: MAX_PARAM_VALUE_CHARS - len(_CUT_MARK)] + _CUT_MARK
 
 
-def _with_lock_retry(call: Callable[..., T], *args, **kwargs) -> T:
+def with_lock_retry(call: Callable[..., T], *args, **kwargs) -> T:
     """``call(*args, **kwargs)``, retried while another process holds the sqlite write lock.
 
     MLflow already waits 20 s for the lock; sqlite still fails at once when two readers both

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from softteacher.config import ExperimentConfig
 from softteacher.data.ray_stream import DATA_ACTOR_CPUS
+from softteacher.eval.inference import export_teacher
 from softteacher.names import EVAL_STEP, FINAL_METRICS, FINAL_PREFIX, TEACHER_AP, TRAINED_STEPS
 from softteacher.run.fit import RunResult, run
 from softteacher.run.multi_stage import run_multi_stage
@@ -41,6 +43,7 @@ from softteacher.track.mlflow_runs import (
     start_parent_run,
     system_metrics,
 )
+from softteacher.track.models import log_logged_model
 from softteacher.track.tables import (
     TrialResult,
     format_table,
@@ -375,13 +378,35 @@ def run_trial(config: dict) -> None:
         set_tags(child, {"error": f"{type(error).__name__}: {reason}"[:5000]})
         finish_run(child, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
-    log_final_metrics(child, final.metrics)
     summary["metrics"] = final.metrics
-    if final.checkpoint is not None:
+    if final.checkpoint is None:
+        log_final_metrics(child, final.metrics)
+    else:
         summary["checkpoint"] = final.checkpoint.path
+        summary["model_id"] = log_final_teacher(child, job, spec, final)
     log_json_artifact(child, "summary.json", summary)
     finish_run(child)
     tune.report(final.metrics | {"final": 1.0})
+
+
+def log_final_teacher(child: RunRef, job: TrialJob, spec: RunSpec, final: RunResult) -> str:
+    """The trial's final teacher as a LoggedModel of its child run, with the final metrics
+    linked to it and to the val set; returns the model id."""
+    evaluation = [split for split in job.data_splits if split.context == "evaluation"]
+    with (
+        final.checkpoint.as_directory() as checkpoint_dir,
+        tempfile.TemporaryDirectory(prefix="softteacher-teacher-") as tmp,
+    ):
+        folder = export_teacher(Path(checkpoint_dir), spec.config, Path(tmp))
+        return log_logged_model(
+            child,
+            job.point.name,
+            folder,
+            final.metrics,
+            trained_steps=spec.config.train.max_steps,
+            evaluated_on=evaluation[0] if evaluation else None,
+            params={"preset": job.preset, "method": job.point.method},
+        )
 
 
 def _fit_trial(job: TrialJob, spec: RunSpec) -> tuple[RunResult, dict]:
