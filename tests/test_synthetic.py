@@ -15,12 +15,12 @@ from PIL import Image
 from softteacher.config import SyntheticConfig
 from softteacher.data import synthetic
 from softteacher.data.coco import load_coco
+from softteacher.data.scenes import render_synthetic_image
 from softteacher.data.synthetic import (
     SyntheticConfigError,
     SyntheticDirError,
     ensure_synthetic_coco,
     generate_synthetic_coco,
-    render_synthetic_image,
 )
 
 TINY = SyntheticConfig(num_train=12, num_val=5, min_size=64, max_size=96, seed=3)
