@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SWEEP_ARGS ?= --ratios 1,5,10 --baseline --shared-burn-in
 
-.PHONY: sweep test bench lint clean
+.PHONY: sweep test bench browser-check lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ sweep: $(STAMP)
 # overlap well on 2 cores; worksteal evens out the few long end-to-end tests.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal tests
+
+# The MLflow UI and Ray dashboard in headless Chromium (apt install chromium first); the
+# screenshots land in docs/ for the README.
+browser-check: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,browser]"
+	SOFTTEACHER_SCREENSHOTS=docs $(BIN)/python -m pytest -q -m browser tests/test_browser.py
 
 bench: $(STAMP)
 	$(BIN)/python experiments/benchmark_core.py

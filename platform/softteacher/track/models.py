@@ -43,9 +43,9 @@ def log_logged_model(
     params: Mapping[str, object] | None = None,
 ) -> str:
     """Log ``folder``'s files as a READY LoggedModel of ``run`` named after ``name``, the
-    output of the run at ``trained_steps``. ``final_metrics`` are logged as the run's ``final/<key>``
-    metrics (in place of ``log_final_metrics``), linked to the model and to the
-    ``evaluated_on`` dataset. Returns the model id (``models:/<id>`` loads it).
+    output of the run at ``trained_steps``. ``final_metrics`` are logged as the run's
+    ``final/<key>`` metrics (in place of ``log_final_metrics``), linked to the model and to
+    the ``evaluated_on`` dataset. Returns the model id (``models:/<id>`` loads it).
 
     A failed upload leaves the model FAILED, never PENDING, so a search for READY models
     finds only loadable ones.

@@ -42,6 +42,7 @@ from softteacher.track.mlflow_runs import (
     set_tags,
     start_parent_run,
     system_metrics,
+    ui_hint,
 )
 from softteacher.track.models import log_logged_model
 from softteacher.track.tables import (
@@ -133,6 +134,7 @@ def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> 
     log_json_artifact(parent, "sweep_settings.json", dataclasses.asdict(settings))
     specs = specs if specs is not None else settings.trial_specs()
     print(f"sweep {settings.name}: {len(specs)} trials; MLflow {tracking_uri} run {parent.run_id}")
+    print(ui_hint(tracking_uri, parent.experiment_id))
     printer = TrialEventPrinter(total=len(specs) + added_roots(settings, specs, base))
     try:
         result = _run_trials(settings, specs, prepared, parent, base, printer)
