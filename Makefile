@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SWEEP_ARGS ?= --ratios 1,5,10 --baseline --shared-burn-in
 
-.PHONY: sweep test bench browser-check lint clean
+.PHONY: sweep test bench browser-check monitor lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 browser-check: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,browser]"
 	SOFTTEACHER_SCREENSHOTS=docs $(BIN)/python -m pytest -q -m browser tests/test_browser.py
+
+# Prometheus on the latest sweep's Ray cluster (apt install prometheus first)
+monitor: $(STAMP)
+	$(BIN)/python experiments/monitor.py
 
 bench: $(STAMP)
 	$(BIN)/python experiments/benchmark_core.py

@@ -22,7 +22,11 @@ from softteacher.preflight import INPUT_ERRORS, check_ablations, exit_on_usage_e
 from softteacher.presets import PRESETS
 from softteacher.tune.ablation_tables import TABLES, AblationError
 from softteacher.tune.ablations import AblationSettings, run_ablations, select_tables
-from softteacher.tune.cluster import default_preset_and_resources, start_or_join
+from softteacher.tune.cluster import (
+    ClusterAuthError,
+    default_preset_and_resources,
+    start_or_join,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_usage_error(ValueError):  # the settings' and the config's own checks too
         tables = select_tables(args.only, args.rows)
         settings = check_ablations(settings_from_args(args), tables, args.address)
-    dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
+    with exit_on_usage_error(ClusterAuthError):
+        dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
     if dashboard:
         print(f"Ray dashboard: {dashboard}")
     with exit_on_usage_error(AblationError, *INPUT_ERRORS):

@@ -22,7 +22,11 @@ from pathlib import Path
 from softteacher.config import METHODS
 from softteacher.preflight import INPUT_ERRORS, check_sweep, exit_on_usage_error
 from softteacher.presets import PRESETS
-from softteacher.tune.cluster import default_preset_and_resources, start_or_join
+from softteacher.tune.cluster import (
+    ClusterAuthError,
+    default_preset_and_resources,
+    start_or_join,
+)
 from softteacher.tune.grid import EarlyStopping, SweepSettings
 from softteacher.tune.sweep import run_sweep
 
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with exit_on_usage_error(ValueError):  # the settings' and the config's own checks too
         settings = check_sweep(settings_from_args(args), args.address)
-    dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
+    with exit_on_usage_error(ClusterAuthError):
+        dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
     if dashboard:
         print(f"Ray dashboard: {dashboard} (token: `ray get-auth-token`)")
     with exit_on_usage_error(*INPUT_ERRORS):

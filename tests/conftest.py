@@ -1,9 +1,20 @@
 """Fixtures shared across test files: the smoke fold with its shards, one loopback Ray
-cluster for the Ray tests, and a MLflow store on disk."""
+cluster for the Ray tests, a head node with its dashboard as ``ray start`` makes one, and a
+MLflow store on disk."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,3 +73,57 @@ def ray_cluster(_ray_session) -> None:
 @pytest.fixture
 def mlflow_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class HeadNode:
+    """A local head node started by ``ray start --head``: where to join it, its dashboard,
+    and its session folder (logs, the Prometheus scrape config)."""
+
+    gcs_address: str
+    dashboard_url: str
+    session_dir: Path
+
+
+@pytest.fixture(scope="module")
+def ray_head_node() -> Iterator[HeadNode]:
+    """On free ports (another cluster on the machine may hold the default ones) and a temp
+    folder of its own (a short path: Ray's socket paths must stay under 108 characters),
+    stopped with its processes at the end (``--block`` stops them when it exits)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
+    gcs_port, dashboard_port = free_port(), free_port()
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+            f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+            "--disable-usage-stats",
+        ],
+        stdout=(temp_dir / "ray_start.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.monotonic() + 120
+    while True:  # up once the dashboard answers (401 without the token is an answer)
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            assert head.poll() is None, (temp_dir / "ray_start.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the head node's dashboard did not come up"
+            time.sleep(1.0)
+    try:
+        yield HeadNode(f"127.0.0.1:{gcs_port}", url, (temp_dir / "session_latest").resolve())
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)

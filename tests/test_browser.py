@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import HeadNode, free_port
 from mlflow.tracking import MlflowClient
 
 from softteacher.track.mlflow_runs import ui_runs_url
@@ -56,17 +55,11 @@ class SubmittedSweep:
     results_dir: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_for_http(url: str, timeout_s: float, headers: dict | None = None) -> None:
+def _wait_for_http(url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})):
+            with urllib.request.urlopen(url):
                 return
         except OSError:
             if time.monotonic() > deadline:
@@ -75,32 +68,8 @@ def _wait_for_http(url: str, timeout_s: float, headers: dict | None = None) -> N
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A local head node as ``ray start --head`` makes one, on free ports (another cluster on
-    the machine holds the default ones), stopped with its own processes at the end."""
-    dashboard_port = _free_port()
-    log = (tmp_path_factory.mktemp("ray-head") / "ray_start.log").open("w")
-    head = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-            f"--port={_free_port()}", f"--dashboard-port={dashboard_port}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={_free_port()}",
-            "--num-cpus=4", "--disable-usage-stats",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield f"http://127.0.0.1:{dashboard_port}"
-    finally:
-        head.send_signal(signal.SIGTERM)  # --block stops the node's processes on exit
-        head.wait(timeout=60)
-        log.close()
-
-
-@pytest.fixture(scope="module")
 def submitted_sweep(
-    ray_head: str, tmp_path_factory: pytest.TempPathFactory
+    ray_head_node: HeadNode, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SubmittedSweep]:
     """The README's ``ray job submit --working-dir . -- python experiments/fold_sweep.py``,
     through the same job API, for a smoke sweep with its baseline."""
@@ -113,7 +82,7 @@ def submitted_sweep(
     deadline = time.monotonic() + 120
     while True:  # the dashboard, then its job agent, come up seconds after the node
         try:
-            client = JobSubmissionClient(ray_head, headers=headers)
+            client = JobSubmissionClient(ray_head_node.dashboard_url, headers=headers)
             submission_id = client.submit_job(
                 entrypoint=(
                     f"{sys.executable} experiments/fold_sweep.py --preset smoke --ratios 10 "
@@ -133,13 +102,15 @@ def submitted_sweep(
         time.sleep(2.0)
     log = client.get_job_logs(submission_id)
     assert status == JobStatus.SUCCEEDED, log[-3000:]
-    yield SubmittedSweep(ray_head, token, submission_id, log, work / "results")
+    yield SubmittedSweep(
+        ray_head_node.dashboard_url, token, submission_id, log, work / "results"
+    )
 
 
 @pytest.fixture(scope="module")
 def mlflow_ui(submitted_sweep: SubmittedSweep) -> Iterator[str]:
     """``mlflow ui`` on the sweep's store, as the README starts it."""
-    port = _free_port()
+    port = free_port()
     store = f"sqlite:///{submitted_sweep.results_dir / 'mlflow.db'}"
     server = subprocess.Popen(
         [

@@ -11,6 +11,7 @@ _GAUGES = {
     "teacher/AP": "teacher COCO mAP at the latest evaluation",
     "student/AP": "student COCO mAP at the latest evaluation",
     "pseudo/cls_per_image": "classification pseudo boxes an unlabeled image",
+    "loss/total": "total loss of the latest logged step",
     "nonfinite_steps": "steps skipped for a NaN or infinite loss or gradient",
 }
 

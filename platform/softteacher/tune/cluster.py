@@ -8,6 +8,7 @@ import ray
 import torch
 
 from softteacher.run.spec import WorkerResources
+from softteacher.tune.monitor import DEFAULT_PROMETHEUS_HOST, PROMETHEUS_HOST_ENV
 
 DASHBOARD_HOST = "127.0.0.1"
 DASHBOARD_PORT = 8265
@@ -41,8 +42,21 @@ def start_or_join(
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": dict(WORKER_ENV)}
     if address:
-        context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        try:
+            context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        except ConnectionError as error:
+            if not _is_auth_error(error):
+                raise
+            # `ray start` turns token authentication on; a driver sends the token only in
+            # token mode, which Ray reads from the environment when it is imported
+            raise ClusterAuthError(
+                f"--address {address}: the cluster asks for its token; rerun with "
+                "RAY_AUTH_MODE=token in the environment (the token is read from "
+                "~/.ray/auth_token; `ray get-auth-token` prints it)"
+            ) from None
     else:
+        # the dashboard's Metrics tab asks this Prometheus (experiments/monitor.py starts it)
+        os.environ.setdefault(PROMETHEUS_HOST_ENV, DEFAULT_PROMETHEUS_HOST)
         # "local": a cluster of this sweep's own, even when another sweep's is running
         # (without it, ray.init joins the newest cluster on the machine and refuses num_cpus)
         context = ray.init(
@@ -55,6 +69,22 @@ def start_or_join(
             log_to_driver=False,
         )
     return _dashboard_url(context)
+
+
+class ClusterAuthError(ConnectionError):
+    """A cluster that refuses this driver for want of its authentication token."""
+
+
+def _is_auth_error(error: BaseException) -> bool:
+    """Whether ``error`` or an exception it chains is Ray's missing-token refusal (which
+    reaches ``ray.init``'s caller as text inside a chained RuntimeError)."""
+    while error is not None:
+        if isinstance(error, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(
+            error
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _dashboard_url(context: object | None) -> str | None:

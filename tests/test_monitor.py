@@ -1,0 +1,84 @@
+"""Prometheus on a sweep's cluster (experiments/monitor.py): during a smoke sweep on a head
+node, Prometheus's HTTP API returns the project's gauges for the running trial. Skipped
+without a prometheus binary (Debian: apt install prometheus)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import HeadNode, free_port
+
+from softteacher.tune.monitor import MonitorError, scrape_config, start_prometheus
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMETHEUS = shutil.which("prometheus")
+SWEEP_TIMEOUT_S = 600
+
+
+def _query(port: int, promql: str) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)["data"]["result"]
+
+
+def test_a_session_without_metrics_is_one_line_with_the_fix(tmp_path):
+    with pytest.raises(MonitorError, match="start the sweep first"):
+        scrape_config(tmp_path)
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt install prometheus)")
+def test_prometheus_scrapes_the_running_trials_gauges(ray_head_node: HeadNode, tmp_path):
+    port = free_port()
+    server = start_prometheus(
+        scrape_config(ray_head_node.session_dir), tmp_path / "prometheus", port,
+        log_file=tmp_path / "prometheus.log",
+    )
+    command = [
+        sys.executable, str(ROOT / "experiments" / "fold_sweep.py"), "--preset", "smoke",
+        "--ratios", "10", "--folds", "1", "--method", "supervised", "--max-steps", "16",
+        "--address", ray_head_node.gcs_address, "--results-dir", str(tmp_path / "results"),
+        "--data-dir", str(tmp_path / "data"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env["PYTHONPATH"] = str(ROOT / "platform")
+    # `ray start` asks for the token: without token mode, one line saying so
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --address")
+    assert "RAY_AUTH_MODE=token" in refused.stderr
+    sweep = subprocess.Popen(
+        command, env=env | {"RAY_AUTH_MODE": "token"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    found: dict[str, list[dict]] = {}
+    try:
+        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        while sweep.poll() is None and time.monotonic() < deadline:
+            try:
+                for gauge in ("ray_softteacher_step", "ray_softteacher_images_per_s"):
+                    if gauge not in found and (series := _query(port, gauge)):
+                        found[gauge] = series
+            except OSError:
+                pass  # Prometheus still starting
+            if len(found) == 2:
+                break
+            time.sleep(2.0)
+    finally:
+        sweep.kill()
+        output = sweep.communicate()[0]
+        server.terminate()
+        server.wait(timeout=30)
+    assert len(found) == 2, output[-3000:] + (tmp_path / "prometheus.log").read_text()[-2000:]
+    step = found["ray_softteacher_step"][0]
+    assert step["metric"]["run"]  # one series a run, tagged with its name
+    assert float(step["value"][1]) >= 1
