@@ -209,9 +209,8 @@ def load_logged_model(
                 artifact_uri=location, dst_path=tmp, tracking_uri=tracking_uri
             )
         except (MlflowException, OSError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise RunArtifactError(
-                f"model {model_uri} in {tracking_uri}: cannot download it ({reason}); "
+                f"model {model_uri} in {tracking_uri}: cannot download it ({_first_line(error)}); "
                 "check --model and --tracking-uri (mlflow.search_logged_models lists them)"
             ) from None
         return load_model_folder(Path(local), device)
@@ -271,9 +270,14 @@ def _json_artifact(tracking_uri: str, run_id: str, name: str) -> dict:
                 run_id=run_id, artifact_path=name, dst_path=tmp, tracking_uri=tracking_uri
             )
         except (MlflowException, OSError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise RunArtifactError(
-                f"run {run_id} in {tracking_uri}: cannot read artifact {name} ({reason}); "
-                "check --run and --tracking-uri (sweep trials log it as they start and end)"
+                f"run {run_id} in {tracking_uri}: cannot read artifact {name} "
+                f"({_first_line(error)}); check --run and --tracking-uri (sweep trials log "
+                "it as they start and end)"
             ) from None
         return json.loads(Path(local).read_text())
+
+
+def _first_line(error: Exception) -> str:
+    """An MLflow or OS error as it fits in a one-line message."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

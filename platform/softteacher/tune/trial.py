@@ -1,0 +1,141 @@
+"""One Tune trial's life: its child MLflow run, its fit (two for multi-stage), its final
+metrics, summary and logged teacher, and the run's status whatever happens."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import tune
+
+from softteacher.eval.inference import export_teacher
+from softteacher.names import EVAL_STEP, FINAL_METRICS, FINAL_PREFIX, TRAINED_STEPS
+from softteacher.run.fit import RunResult, run
+from softteacher.run.multi_stage import run_multi_stage
+from softteacher.run.spec import RunSpec
+from softteacher.track.datasets import DataSplit, log_data_inputs
+from softteacher.track.mlflow_runs import (
+    RunRef,
+    find_or_start_child_run,
+    finish_run,
+    git_commit,
+    log_final_metrics,
+    log_json_artifact,
+    run_status,
+    set_tags,
+    system_metrics,
+)
+from softteacher.track.models import log_logged_model
+from softteacher.tune.grid import PROJECT_ROOT, TrialSpec
+from softteacher.tune.relay import fit_reporting_to_tune
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """What a Tune trial receives: its grid point, its run, and the sweep's MLflow run."""
+
+    point: TrialSpec
+    spec: RunSpec
+    parent: RunRef
+    preset: str
+    work_dir: str  # multi-stage's pseudo-label files and merged shards
+    data_splits: tuple[DataSplit, ...] = ()  # logged to the trial's MLflow run
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: a child MLflow run and its run (two runs for ``multi_stage``, with
+    the offline pseudo-labeling between them). A trial that raises ends its child run
+    FAILED with the reason as a tag, so no MLflow run is left RUNNING by an error."""
+    job: TrialJob = config["job"]
+    point, spec = job.point, job.spec
+    child = find_or_start_child_run(
+        job.parent,
+        point.name,
+        params=dataclasses.asdict(point)
+        | {
+            "preset": job.preset,
+            "seed": spec.config.train.seed,
+            "git_commit": git_commit(PROJECT_ROOT),
+        }
+        | spec.config.flat(),
+    )
+    # the image lists this trial reads (a supervised run reads no unlabeled image)
+    log_data_inputs(
+        child, [s for s in job.data_splits if s.context != "unlabeled" or spec.unlabeled]
+    )
+    if run_status(child) == "FINISHED":
+        tune.report(_final_metrics_of(child) | {"final": 1.0})
+        return
+    spec = dataclasses.replace(spec, tracking=child)
+    try:
+        with system_metrics(child):
+            final, summary = _fit_trial(job, spec)
+    except BaseException as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        set_tags(child, {"error": f"{type(error).__name__}: {reason}"[:5000]})
+        finish_run(child, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    summary["metrics"] = final.metrics
+    if final.checkpoint is None:
+        log_final_metrics(child, final.metrics)
+    else:
+        summary["checkpoint"] = final.checkpoint.path
+        summary["model_id"] = log_final_teacher(child, job, spec, final)
+    log_json_artifact(child, "summary.json", summary)
+    finish_run(child)
+    tune.report(final.metrics | {"final": 1.0})
+
+
+def log_final_teacher(child: RunRef, job: TrialJob, spec: RunSpec, final: RunResult) -> str:
+    """The trial's final teacher as a LoggedModel of its child run, with the final metrics
+    linked to it and to the val set; returns the model id."""
+    evaluation = [split for split in job.data_splits if split.context == "evaluation"]
+    with (
+        final.checkpoint.as_directory() as checkpoint_dir,
+        tempfile.TemporaryDirectory(prefix="softteacher-teacher-") as tmp,
+    ):
+        folder = export_teacher(Path(checkpoint_dir), spec.config, Path(tmp))
+        return log_logged_model(
+            child,
+            job.point.name,
+            folder,
+            final.metrics,
+            trained_steps=spec.config.train.max_steps,
+            evaluated_on=evaluation[0] if evaluation else None,
+            params={"preset": job.preset, "method": job.point.method},
+        )
+
+
+def _fit_trial(job: TrialJob, spec: RunSpec) -> tuple[RunResult, dict]:
+    log_json_artifact(spec.tracking, "config.json", spec.config.to_dict())
+    summary: dict = {"trial": dataclasses.asdict(job.point)}
+    # the early-stopping clock starts where the trial starts: at its branch point, if any
+    origin = spec.config.method.burn_in_steps if spec.config.train.branch_from else 0
+
+    def with_trained_steps(report: dict) -> dict | None:
+        """Reports from the first evaluation on: Tune's scheduler refuses a result without
+        its metric, and the terminal shows evaluations only."""
+        if EVAL_STEP not in report:
+            return None
+        return report | {TRAINED_STEPS: report[EVAL_STEP] - origin}
+
+    if job.point.method == "multi_stage":
+        result, summary["multi_stage"] = fit_reporting_to_tune(
+            lambda callbacks: run_multi_stage(
+                spec, job.point.fg_thr, Path(job.work_dir), callbacks
+            ),
+            with_trained_steps,
+        )
+    else:
+        result = fit_reporting_to_tune(lambda callbacks: run(spec, callbacks), with_trained_steps)
+    return result, summary
+
+
+def _final_metrics_of(run_ref: RunRef) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(run_ref.tracking_uri).get_run(run_ref.run_id).data.metrics
+    final = {name: FINAL_PREFIX + name for name in FINAL_METRICS}
+    return {name: logged[key] for name, key in final.items() if key in logged}
