@@ -22,8 +22,10 @@ from softteacher.model.pseudo_labels import (
     teacher_background_prob,
 )
 from softteacher.model.soft_teacher import StudentLosses, rpn_ignoring_uncertain
+from softteacher.names import STEP_PARTS
 from softteacher.presets import preset
 from softteacher.train.loop import LoopHooks, fit
+from softteacher.train.step_profile import profile_steps
 from softteacher.train.trainer import NonFiniteLossError, SoftTeacherTrainer
 
 SIZE = 64
@@ -408,6 +410,57 @@ def test_variance_norm_and_the_image_clip_reach_the_kernel(norm):
     assert not torch.allclose(got, unclipped)
 
 
+def test_jitter_variances_of_a_batch_are_each_image_on_its_own():
+    """One decode for every image's jittered copies: each box is refined by its own class's
+    regression, as when each image goes alone (an image without candidates in between)."""
+    torch.manual_seed(0)
+    teacher = build_detector(preset("smoke").detector).eval()
+    with torch.no_grad():
+        images, _ = teacher.transform([torch.rand(3, SIZE, SIZE) for _ in range(3)])
+        features = teacher.backbone(images.tensors)
+    boxes = [
+        torch.tensor([[4.0, 4.0, 30.0, 40.0], [20.0, 10.0, 60.0, 30.0]]),
+        torch.zeros(0, 4),
+        torch.tensor([[10.0, 12.0, 50.0, 56.0]]),
+    ]
+    labels = [torch.tensor([1, 2]), torch.zeros(0, dtype=torch.int64), torch.tensor([3])]
+    cfg = MethodConfig(n_jitter=6)
+    view = TeacherView(features, images.image_sizes, boxes, labels, [], [])
+    torch.manual_seed(5)
+    batched = jitter_variances(teacher, view, cfg)
+    torch.manual_seed(5)
+    alone = [
+        jitter_variances(
+            teacher,
+            TeacherView(
+                {k: f[i : i + 1] for k, f in features.items()},
+                images.image_sizes[i : i + 1],
+                [boxes[i]],
+                [labels[i]],
+                [],
+                [],
+            ),
+            cfg,
+        )[0]
+        for i in range(3)
+    ]
+    assert [len(v) for v in batched] == [2, 0, 1]
+    for got, expected in zip(batched, alone, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_a_profiled_step_reports_every_part_of_the_method():
+    """The benchmark's breakdown: each marked part of a Soft Teacher step has its own time
+    (nested parts out of their parents), and the shares with ``other`` make the whole step."""
+    trainer = SoftTeacherTrainer(_smoke(burn_in_steps=0), torch.device("cpu"))
+    result = profile_steps(lambda: trainer.step(_labeled(0.5), _unlabeled(0.2, 0.8)), steps=2)
+    assert set(result.part_ms) == set(STEP_PARTS)
+    assert all(ms > 0 for ms in result.part_ms.values())
+    assert sum(result.part_ms.values()) < result.step_ms
+    assert sum(result.shares().values()) == pytest.approx(1.0)
+    assert result.top_ops and all(name not in STEP_PARTS for name, _ in result.top_ops)
+
+
 def test_teacher_scores_student_boxes_mapped_strong_to_weak(monkeypatch):
     """BG-T: a box of the strong view goes to the weak view by T_weak @ inv(T_strong).
 
@@ -448,7 +501,8 @@ def test_roi_pooling_scales_do_not_depend_on_the_first_batch():
     box = [torch.tensor([[10.0, 10, 60, 60]])]
     sliced = pool(features, box, [(106, 106)])  # first call: a slice padded to 160
     assert pool.scales == [1 / 8, 1 / 16, 1 / 32]
-    reference = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
+    ratio = preset("smoke").detector.roi_sampling_ratio
+    reference = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=ratio)
     torch.testing.assert_close(sliced, reference(features, box, [(160, 160)]))
 
 

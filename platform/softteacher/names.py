@@ -25,3 +25,26 @@ EVAL_STEP = "eval_step"
 # Steps a trial has trained up to its latest evaluation (from its branch point when it
 # branched): the clock an early-stopping scheduler compares trials on.
 TRAINED_STEPS = "trained_steps"
+
+# The ``torch.profiler`` ranges of one training step (``record_function``), in step order;
+# the benchmark's step breakdown reads them. Two are nested: the jittering runs inside the
+# teacher's view, the teacher's scoring of the student's boxes inside the student's forward.
+STEP_TEACHER_VIEW = "step/teacher_view"
+STEP_JITTER = "step/box_jitter"
+STEP_PSEUDO_TARGETS = "step/pseudo_targets"
+STEP_STUDENT_FORWARD = "step/student_forward"
+STEP_TEACHER_SCORING = "step/teacher_scoring"
+STEP_BACKWARD = "step/backward"
+STEP_OPTIMIZER = "step/optimizer"
+STEP_EMA = "step/ema"
+STEP_PARTS = (
+    STEP_TEACHER_VIEW,
+    STEP_JITTER,
+    STEP_PSEUDO_TARGETS,
+    STEP_STUDENT_FORWARD,
+    STEP_TEACHER_SCORING,
+    STEP_BACKWARD,
+    STEP_OPTIMIZER,
+    STEP_EMA,
+)
+NESTED_STEP_PARTS = {STEP_JITTER: STEP_TEACHER_VIEW, STEP_TEACHER_SCORING: STEP_STUDENT_FORWARD}

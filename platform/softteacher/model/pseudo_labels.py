@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 from torchvision.models.detection import FasterRCNN
 
 from softteacher.config import MethodConfig
@@ -16,6 +17,7 @@ from softteacher.data.collate import UnlabeledBatch
 from softteacher.data.transforms import transfer_boxes
 from softteacher.kernels import box_jitter_variance, jitter_boxes
 from softteacher.model.detector import box_head_outputs, decode_class_boxes
+from softteacher.names import STEP_JITTER, STEP_TEACHER_SCORING
 
 MIN_PSEUDO_BOX_SIDE = 1.0
 
@@ -74,7 +76,8 @@ def teacher_view(teacher: FasterRCNN, weak: list[Tensor], cfg: MethodConfig) -> 
         scores.append(det["scores"][keep])
     view = TeacherView(features, image_list.image_sizes, boxes, labels, scores, variances=[])
     if cfg.uses_jitter:
-        view.variances = jitter_variances(teacher, view, cfg)
+        with record_function(STEP_JITTER):
+            view.variances = jitter_variances(teacher, view, cfg)
     else:
         view.variances = [torch.zeros_like(s) for s in scores]
     return view
@@ -88,21 +91,18 @@ def jitter_variances(teacher: FasterRCNN, view: TeacherView, cfg: MethodConfig) 
     jittered = [jitter_boxes(b, cfg.n_jitter, cfg.jitter_scale) for b in view.boxes]
     flat = [j.reshape(-1, 4) for j in jittered]
     _, deltas = box_head_outputs(teacher, view.features, flat, view.image_sizes)
+    # one decode for every image's copies: jitter-major within an image, as ``flat`` is
+    labels = torch.cat([lab.repeat(cfg.n_jitter) for lab in view.labels])
+    refined = decode_class_boxes(teacher, deltas, torch.cat(flat), labels)
     variances = []
-    for boxes, labels, jit, image_deltas, size in zip(
-        view.boxes,
-        view.labels,
-        flat,
-        deltas.split([len(f) for f in flat]),
-        view.image_sizes,
-        strict=True,
+    for boxes, image_refined, size in zip(
+        view.boxes, refined.split([len(f) for f in flat]), view.image_sizes, strict=True
     ):
         if len(boxes) == 0:
             variances.append(boxes.new_zeros(0))
             continue
-        refined = decode_class_boxes(teacher, image_deltas, jit, labels.repeat(cfg.n_jitter))
-        refined = refined.reshape(cfg.n_jitter, -1, 4)
-        variances.append(box_jitter_variance(refined, boxes, size, norm=cfg.variance_norm))
+        copies = image_refined.reshape(cfg.n_jitter, -1, 4)
+        variances.append(box_jitter_variance(copies, boxes, size, norm=cfg.variance_norm))
     return variances
 
 
@@ -147,12 +147,15 @@ def teacher_background_prob(
 ) -> Tensor:
     """The teacher's background probability (raw softmax, no NMS) of the student's sampled
     boxes, each mapped from its strong view into the weak view the teacher saw (BG-T)."""
-    weak_boxes = [
-        transfer_boxes(boxes, batch.strong_matrices[i], batch.weak_matrices[i], view.image_sizes[i])
-        for i, boxes in enumerate(strong_boxes)
-    ]
-    logits, _ = box_head_outputs(teacher, view.features, weak_boxes, view.image_sizes)
-    return logits.softmax(dim=-1)[:, 0]
+    with record_function(STEP_TEACHER_SCORING):
+        weak_boxes = [
+            transfer_boxes(
+                boxes, batch.strong_matrices[i], batch.weak_matrices[i], view.image_sizes[i]
+            )
+            for i, boxes in enumerate(strong_boxes)
+        ]
+        logits, _ = box_head_outputs(teacher, view.features, weak_boxes, view.image_sizes)
+        return logits.softmax(dim=-1)[:, 0]
 
 
 def _target(boxes: Tensor, labels: Tensor) -> dict[str, Tensor]:

@@ -15,6 +15,7 @@ from functools import partial
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from softteacher.config import ExperimentConfig
 from softteacher.data.collate import DetectionBatch, UnlabeledBatch
@@ -26,7 +27,15 @@ from softteacher.model.pseudo_labels import (
     teacher_view,
 )
 from softteacher.model.soft_teacher import SUPERVISED_LOSSES, UNSUPERVISED_LOSSES, StudentLosses
-from softteacher.names import NONFINITE_STEPS
+from softteacher.names import (
+    NONFINITE_STEPS,
+    STEP_BACKWARD,
+    STEP_EMA,
+    STEP_OPTIMIZER,
+    STEP_PSEUDO_TARGETS,
+    STEP_STUDENT_FORWARD,
+    STEP_TEACHER_VIEW,
+)
 from softteacher.train.optim import build_optimizer, build_scheduler
 
 
@@ -97,29 +106,38 @@ class SoftTeacherTrainer:
         statistics = [buffer.clone() for buffer in self.student.buffers()]
         metrics: dict[str, float] = {}
         if alpha > 0.0 and unlabeled is not None:
-            view = teacher_view(self.teacher, unlabeled.weak, self.cfg.method)
-            pseudo = pseudo_targets(view, unlabeled, self.cfg.method)
+            with record_function(STEP_TEACHER_VIEW):
+                view = teacher_view(self.teacher, unlabeled.weak, self.cfg.method)
+            with record_function(STEP_PSEUDO_TARGETS):
+                pseudo = pseudo_targets(view, unlabeled, self.cfg.method)
             scorer = partial(teacher_background_prob, self.teacher, view, unlabeled)
-            losses = self.losses(labeled.images, labeled.targets, unlabeled.strong, pseudo, scorer)
+            with record_function(STEP_STUDENT_FORWARD):
+                losses = self.losses(
+                    labeled.images, labeled.targets, unlabeled.strong, pseudo, scorer
+                )
             metrics.update(pseudo.counts_per_image())
             metrics["pseudo/candidates_per_image"] = sum(map(len, view.boxes)) / len(view.boxes)
         else:
-            losses = self.losses(labeled.images, labeled.targets)
+            with record_function(STEP_STUDENT_FORWARD):
+                losses = self.losses(labeled.images, labeled.targets)
         total = sum(losses[k] for k in SUPERVISED_LOSSES) + alpha * sum(
             (losses[k] for k in UNSUPERVISED_LOSSES if k in losses), torch.zeros(())
         )
         self.optimizer.zero_grad(set_to_none=True)
         # backward even for a non-finite loss: under DDP every worker must join the gradient
         # all-reduce, and the NaN it spreads makes every worker skip the same step
-        total.backward()
+        with record_function(STEP_BACKWARD):
+            total.backward()
         grad_norm = self._grad_norm()
         if bool(torch.isfinite(total.detach() + grad_norm)):  # one host sync for both
-            if self.cfg.optim.grad_clip_norm is not None:
-                nn.utils.clip_grads_with_norm_(
-                    self.student.parameters(), self.cfg.optim.grad_clip_norm, grad_norm
-                )
-            self.optimizer.step()
-            ema_update(self.teacher, self.student, ema_momentum(step, self.cfg.method))
+            with record_function(STEP_OPTIMIZER):
+                if self.cfg.optim.grad_clip_norm is not None:
+                    nn.utils.clip_grads_with_norm_(
+                        self.student.parameters(), self.cfg.optim.grad_clip_norm, grad_norm
+                    )
+                self.optimizer.step()
+            with record_function(STEP_EMA):
+                ema_update(self.teacher, self.student, ema_momentum(step, self.cfg.method))
             self._nonfinite_in_a_row = 0
         else:
             with torch.no_grad():
