@@ -1,22 +1,29 @@
 """Ray Train on loopback: a run is reproducible (same seed, same losses and weights, even
-with the CPU contended, and after a stop and resume), the in-process runner is the same run
-(and resumes the same way), and two simulated nodes each get one worker of a 2-worker run."""
+with the CPU contended, and after its worker is killed and restarted from its checkpoint),
+the in-process runner is the same run (and resumes the same way after a stop), and two
+simulated nodes each get one worker of a 2-worker run."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import math
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
+from softteacher.names import LOSS_TOTAL as LOSS
 from softteacher.presets import preset
 from softteacher.run.fit import RunResult, run
 from softteacher.run.spec import RunSpec, WorkerResources
@@ -35,6 +42,7 @@ def _run(
     max_steps: int = 8,
     seed: int = 0,
     resources: WorkerResources = ONE_WORKER,
+    tracking: RunRef | None = None,
 ) -> tuple[RunResult, list[float], RunRef]:
     """A smoke run (burn-in 4 steps, then 1 labeled + 4 unlabeled); its loss at each step."""
     cfg = preset("smoke").replace(
@@ -47,7 +55,7 @@ def _run(
         }
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking = start_parent_run(uri, "tests", name, {})
+    tracking = tracking or start_parent_run(uri, "tests", name, {})
     spec = RunSpec(
         cfg,
         smoke_fold.fold,
@@ -59,7 +67,7 @@ def _run(
         tracking=tracking,
     )
     result = run(spec)
-    history = MlflowClient(uri).get_metric_history(tracking.run_id, "loss/total")
+    history = MlflowClient(uri).get_metric_history(tracking.run_id, LOSS)
     return result, [m.value for m in sorted(history, key=lambda m: m.step)], tracking
 
 
@@ -119,21 +127,53 @@ def test_same_seed_same_run_after_a_stop_in_process(reference, smoke_fold, tmp_p
     assert _comparable(rest.metrics) == reference.metrics
 
 
-def test_same_seed_same_run_on_ray_train_on_a_busy_machine_and_after_a_stop(
+def _kill_the_train_worker_after(step: int, tracking: RunRef, done: threading.Event) -> list:
+    """SIGKILL this test's Ray Train worker once its run has logged ``step``; returns the
+    killed process in a list (a thread's result)."""
+    killed: list[psutil.Process] = []
+
+    def watch() -> None:
+        client = MlflowClient(tracking.tracking_uri)
+        while not done.is_set() and not killed:
+            if any(m.step >= step for m in client.get_metric_history(tracking.run_id, LOSS)):
+                for process in psutil.Process().children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if "RayTrainWorker" in " ".join(process.cmdline()):
+                            process.kill()
+                            killed.append(process)
+                            return
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def test_same_seed_same_run_on_ray_train_on_a_busy_machine_after_a_killed_worker(
     reference, smoke_fold, tmp_path
 ):
-    """On Ray Train, with another process hogging a core, stopped at step 5 and resumed:
-    the in-process run's losses, weights and metrics."""
+    """On Ray Train, with another process hogging a core, its worker SIGKILLed after step 5:
+    Ray Train restarts it from the step-4 checkpoint and the run ends as the uninterrupted
+    in-process run did, loss for loss, weight for weight, metric for metric."""
+    tracking = start_parent_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", "killed", {})
+    done = threading.Event()
+    killed = _kill_the_train_worker_after(5, tracking, done)
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        part, head, _ = _run(smoke_fold, tmp_path, "ray-train", max_steps=5)
-        rest, resumed, _ = _run(smoke_fold, tmp_path, "ray-train")
+        restartable = dataclasses.replace(ONE_WORKER, max_failures=1)
+        result, _, _ = _run(
+            smoke_fold, tmp_path, "killed", resources=restartable, tracking=tracking
+        )
     finally:
+        done.set()
         hog.kill()
-    assert part.checkpoint is not None and head == reference.losses[:5]
-    assert head + resumed == reference.losses
-    assert _weights_digest(rest) == reference.weights
-    assert _comparable(rest.metrics) == reference.metrics
+    assert killed, "the run ended before its worker could be killed"
+    history = MlflowClient(tracking.tracking_uri).get_metric_history(tracking.run_id, LOSS)
+    replayed = len(history) - len({m.step for m in history})
+    assert replayed >= 1  # the steps after the checkpoint ran twice
+    last = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+    assert [last[k] for k in sorted(last)] == reference.losses
+    assert _weights_digest(result) == reference.weights
+    assert _comparable(result.metrics) == reference.metrics
 
 
 def test_two_workers_spread_over_two_nodes(smoke_fold, tmp_path):

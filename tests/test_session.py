@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from softteacher.presets import preset
-from softteacher.run import fit
+from softteacher.run import fit, worker
 from softteacher.run.session import InProcessSession, checkpoints
 from softteacher.run.spec import RunSpec, WorkerResources
 from softteacher.run.worker import RunInputError, fatal_error_file
@@ -104,3 +104,20 @@ def test_a_failed_worker_restarts_and_an_input_error_stops_at_once(
     with pytest.raises(RunInputError, match="x.jpg is corrupt"):
         fit.run(_spec(tmp_path, smoke_fold, max_failures=2))
     assert len(calls) == 1  # no retry of an input error
+
+
+def test_a_restarted_worker_stops_on_the_input_error_its_predecessor_left(
+    tmp_path, smoke_fold, monkeypatch
+):
+    """What a Ray Train worker group restarted after an input error does: it fails at once
+    with the recorded message and trains nothing."""
+    spec = _spec(tmp_path, smoke_fold, max_failures=2)
+    marker = fatal_error_file(spec)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("FileNotFoundError: train.init_from: no checkpoint in /x\n")
+    trained: list[int] = []
+    monkeypatch.setattr(worker, "_train", lambda spec, session: trained.append(1))
+    session = InProcessSession(tmp_path / "run", "exp", keep=2)
+    with pytest.raises(RunInputError, match="^FileNotFoundError: train.init_from: no checkpoint"):
+        worker.train_recording_input_errors(spec, session)
+    assert trained == []
