@@ -32,8 +32,10 @@ browser-check: $(STAMP)
 monitor: $(STAMP)
 	$(BIN)/python experiments/monitor.py
 
+# The benchmarks a change is measured with (experiments/benchmark.py; `curve` trains for long)
+BENCHMARKS ?= speed profile stream platform
 bench: $(STAMP)
-	$(BIN)/python experiments/benchmark_core.py
+	for name in $(BENCHMARKS); do $(BIN)/python experiments/benchmark.py $$name || exit 1; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform kernels experiments tests

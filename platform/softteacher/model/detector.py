@@ -133,7 +133,7 @@ def _r50_fpn_backbone(cfg: DetectorConfig) -> BackboneWithFPN:
     if cfg.backbone_weights is None:
         warnings.warn(
             "r50-fpn without backbone_weights starts from random init; the paper uses "
-            "ImageNet weights: pass a local file (--backbone-weights resnet50.pth)",
+            "ImageNet weights: pass a local file (--set detector.backbone_weights=resnet50.pth)",
             stacklevel=3,
         )
     _load_backbone_weights(body, cfg.backbone_weights)
