@@ -19,7 +19,6 @@ import argparse
 from pathlib import Path
 
 from softteacher.preflight import INPUT_ERRORS, check_ablations, exit_on_usage_error
-from softteacher.presets import PRESETS
 from softteacher.tune.ablation_tables import TABLES, AblationError
 from softteacher.tune.ablations import AblationSettings, run_ablations, select_tables
 from softteacher.tune.cluster import (
@@ -27,17 +26,14 @@ from softteacher.tune.cluster import (
     default_preset_and_resources,
     start_or_join,
 )
+from softteacher.tune.options import shared_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=None,
-        help="default: paper with a GPU, cpu without",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[shared_options()],
     )
     parser.add_argument("--ratio", type=float, default=10.0, help="labeled percent (default 10)")
     parser.add_argument("--fold", type=int, default=1)
@@ -52,43 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated row keys to run, e.g. multi_stage or 0.9 "
         "(default: every row; the tables are written with a suffix)",
     )
-    parser.add_argument(
-        "--coco-root",
-        type=Path,
-        default=None,
-        help="a COCO 2017 layout; default: the synthetic set",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="Ray Train workers per trial (0: in the trial's process; default: 0 on CPU, 1 on GPU)",
-    )
-    parser.add_argument("--cpus-per-worker", type=float, default=None)
-    parser.add_argument("--gpus-per-worker", type=float, default=None)
-    parser.add_argument(
-        "--max-failures", type=int, default=2, help="worker restarts from the last checkpoint"
-    )
-    parser.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="override the preset's schedule length (each stage of multi-stage)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="set any config field after the preset and --max-steps "
-        "(repeatable), e.g. --set method.unsup_weight=2",
-    )
-    parser.add_argument("--address", default=None, help="join a running cluster ('auto')")
-    parser.add_argument(
-        "--num-cpus", type=int, default=None, help="logical CPUs of a local cluster"
-    )
-    parser.add_argument("--dashboard-port", type=int, default=8265, help="of a local cluster")
     parser.add_argument(
         "--shared-burn-in",
         action="store_true",
@@ -109,8 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="every row's seed (default: the preset's, 0); the tables and sweep names carry "
         "it, so runs of two seeds sit side by side",
     )
-    parser.add_argument("--results-dir", type=Path, default=None)
-    parser.add_argument("--data-dir", type=Path, default=None)
     return parser.parse_args(argv)
 
 

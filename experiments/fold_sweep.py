@@ -21,13 +21,13 @@ from pathlib import Path
 
 from softteacher.config import METHODS
 from softteacher.preflight import INPUT_ERRORS, check_sweep, exit_on_usage_error
-from softteacher.presets import PRESETS
 from softteacher.tune.cluster import (
     ClusterAuthError,
     default_preset_and_resources,
     start_or_join,
 )
 from softteacher.tune.grid import EarlyStopping, SweepSettings
+from softteacher.tune.options import shared_options
 from softteacher.tune.sweep import run_sweep
 
 
@@ -49,13 +49,9 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=None,
-        help="smoke (tests), cpu (default without a GPU), paper (R50-FPN, COCO)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[shared_options()],
     )
     parser.add_argument("--ratios", type=_floats, default=(1.0, 5.0, 10.0), help="labeled percents")
     parser.add_argument("--folds", type=_ints, default=(1, 2, 3, 4, 5))
@@ -80,28 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="semi-supervised runs branch off the supervised run (added when --baseline is "
         "not given) at the end of burn-in: both arms share one burn-in, and each "
         "semi-supervised trial trains only its semi-supervised phase",
-    )
-    parser.add_argument(
-        "--coco-root",
-        type=Path,
-        default=None,
-        help="a COCO 2017 layout (train2017/, val2017/, annotations/); default: synthetic",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="Ray Train workers per trial; 0: one worker in the trial's own process, the "
-        "same loop, checkpoints and resume without a worker group's start-up (default: 0 "
-        "on CPU, 1 with a GPU)",
-    )
-    parser.add_argument("--cpus-per-worker", type=float, default=None)
-    parser.add_argument("--gpus-per-worker", type=float, default=None)
-    parser.add_argument(
-        "--max-failures", type=int, default=2, help="worker restarts from the last checkpoint"
-    )
-    parser.add_argument(
-        "--max-steps", type=int, default=None, help="override the preset's schedule length"
     )
     parser.add_argument("--ckpt-every", type=int, default=None)
     parser.add_argument(
@@ -131,24 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="replicates: every trial once a seed, e.g. 1,2,3; the table then gives the std "
         "over seeds alone (the noise floor) beside the std over folds and seeds",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="set any config field after the preset and --max-steps (repeatable), e.g. "
-        "--set method.unsup_weight=2 --set optim.decay_steps=1000,2000",
-    )
-    parser.add_argument(
-        "--address", default=None, help="join a running cluster ('auto'); default: start one"
-    )
-    parser.add_argument(
-        "--num-cpus", type=int, default=None, help="logical CPUs of a local cluster"
-    )
-    parser.add_argument("--dashboard-port", type=int, default=8265, help="of a local cluster")
-    parser.add_argument("--results-dir", type=Path, default=None)
-    parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--experiment", default="fold_sweep", help="MLflow experiment name")
     parser.add_argument(
         "--name", default=None, help="sweep name (default: derived from the settings)"

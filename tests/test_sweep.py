@@ -252,3 +252,19 @@ def test_without_an_address_a_sweep_starts_a_cluster_of_its_own(monkeypatch):
     cluster.start_or_join(address="auto")
     assert calls[0]["address"] == "local" and calls[0]["num_cpus"] == 2
     assert calls[1]["address"] == "auto" and "num_cpus" not in calls[1]
+
+
+def test_both_sweep_commands_read_the_shared_options_alike(tmp_path):
+    import ablations
+    import fold_sweep
+
+    shared = [
+        "--preset", "smoke", "--max-steps", "3", "--set", "method.unsup_weight=2",
+        "--results-dir", str(tmp_path), "--workers", "0", "--max-failures", "1",
+        "--num-cpus", "4",
+    ]  # fmt: skip
+    sweep, table = fold_sweep.parse_args(shared), ablations.parse_args(shared)
+    for name in ("preset", "max_steps", "overrides", "results_dir", "workers", "max_failures",
+                 "num_cpus", "address", "dashboard_port", "coco_root", "data_dir"):  # fmt: skip
+        assert getattr(sweep, name) == getattr(table, name), name
+    assert sweep.overrides == ["method.unsup_weight=2"] and sweep.max_steps == 3

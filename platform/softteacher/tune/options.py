@@ -1,0 +1,68 @@
+"""The command-line options every sweep command shares (``fold_sweep.py``, ``ablations.py``):
+the preset and its overrides, the data, the workers of a trial and the cluster, declared
+once so that the two commands spell and default them alike."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from softteacher.presets import PRESETS
+
+
+def shared_options() -> argparse.ArgumentParser:
+    """A parent parser (``argparse.ArgumentParser(parents=[shared_options()])``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    config = parser.add_argument_group("preset and data")
+    config.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="smoke (tests), cpu (default without a GPU), bench (the 2-core benchmark of the "
+        "method), paper (R50-FPN, COCO; default with a GPU)",
+    )
+    config.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="override the preset's schedule length (each stage of a multi-stage run)",
+    )
+    config.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="set any config field after the preset and --max-steps (repeatable), e.g. "
+        "--set method.unsup_weight=2 --set optim.decay_steps=1000,2000",
+    )
+    config.add_argument(
+        "--coco-root",
+        type=Path,
+        default=None,
+        help="a COCO 2017 layout (train2017/, val2017/, annotations/); default: synthetic",
+    )
+    config.add_argument("--results-dir", type=Path, default=None)
+    config.add_argument("--data-dir", type=Path, default=None)
+    workers = parser.add_argument_group("workers and cluster")
+    workers.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Ray Train workers per trial; 0: one worker in the trial's own process, the "
+        "same loop, checkpoints and resume without a worker group's start-up (default: 0 "
+        "on CPU, 1 with a GPU)",
+    )
+    workers.add_argument("--cpus-per-worker", type=float, default=None)
+    workers.add_argument("--gpus-per-worker", type=float, default=None)
+    workers.add_argument(
+        "--max-failures", type=int, default=2, help="worker restarts from the last checkpoint"
+    )
+    workers.add_argument(
+        "--address", default=None, help="join a running cluster ('auto'); default: start one"
+    )
+    workers.add_argument(
+        "--num-cpus", type=int, default=None, help="logical CPUs of a local cluster"
+    )
+    workers.add_argument("--dashboard-port", type=int, default=8265, help="of a local cluster")
+    return parser
