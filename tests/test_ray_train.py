@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
 from softteacher.names import LOSS_TOTAL as LOSS
+from softteacher.names import TEACHER_AP
 from softteacher.presets import preset
 from softteacher.run.fit import RunResult, run
 from softteacher.run.spec import RunSpec, WorkerResources
@@ -152,26 +153,27 @@ def test_same_seed_same_run_on_ray_train_on_a_busy_machine_after_a_killed_worker
     reference, smoke_fold, tmp_path
 ):
     """On Ray Train, with another process hogging a core, its worker SIGKILLed after step 5:
-    Ray Train restarts it from the step-4 checkpoint and the run ends as the uninterrupted
-    in-process run did, loss for loss, weight for weight, metric for metric."""
+    Ray Train restarts it from the step-4 checkpoint, the replayed steps are not logged a
+    second time, and the run ends as the uninterrupted in-process run did, loss for loss,
+    weight for weight, metric for metric, with one final evaluation in its MLflow run."""
     tracking = start_parent_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", "killed", {})
     done = threading.Event()
     killed = _kill_the_train_worker_after(5, tracking, done)
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         restartable = dataclasses.replace(ONE_WORKER, max_failures=1)
-        result, _, _ = _run(
+        result, losses, _ = _run(
             smoke_fold, tmp_path, "killed", resources=restartable, tracking=tracking
         )
     finally:
         done.set()
         hog.kill()
     assert killed, "the run ended before its worker could be killed"
-    history = MlflowClient(tracking.tracking_uri).get_metric_history(tracking.run_id, LOSS)
-    replayed = len(history) - len({m.step for m in history})
-    assert replayed >= 1  # the steps after the checkpoint ran twice
-    last = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
-    assert [last[k] for k in sorted(last)] == reference.losses
+    client = MlflowClient(tracking.tracking_uri)
+    steps = [m.step for m in client.get_metric_history(tracking.run_id, LOSS)]
+    assert sorted(steps) == list(range(1, 9))  # each step once, the replayed 5-8 included
+    assert losses == reference.losses
+    assert len(client.get_metric_history(tracking.run_id, TEACHER_AP)) == 1
     assert _weights_digest(result) == reference.weights
     assert _comparable(result.metrics) == reference.metrics
 

@@ -22,10 +22,12 @@ from softteacher.data.rows import StreamPlan
 from softteacher.data.steps import StepBatches, start_positions
 from softteacher.eval.models import RunEvaluation, evaluate_run
 from softteacher.eval.overlays import overlay_artifacts
+from softteacher.names import LOSS_TOTAL, TEACHER_AP
 from softteacher.run.session import RayTrainSession, RunSession, node_id
 from softteacher.run.spec import RunSpec
 from softteacher.track.mlflow_runs import (
     RunRef,
+    last_logged_steps,
     log_file_artifact,
     log_json_artifact,
     log_metrics,
@@ -40,6 +42,9 @@ from softteacher.train.trainer import SoftTeacherTrainer
 # ValueErrors, a NaN loss is a FloatingPointError, a missing file a FileNotFoundError).
 INPUT_ERRORS = (ValueError, FloatingPointError, FileNotFoundError)
 FATAL_ERROR_FILE = "fatal_error.txt"
+# What marks a logged step summary and a logged evaluation: a replayed step is logged only
+# when its MLflow run lacks it (each step logged once, whatever the restarts).
+REPLAY_KEYS = (LOSS_TOTAL, TEACHER_AP)
 
 
 class RunInputError(RuntimeError):
@@ -110,10 +115,12 @@ def _train(spec: RunSpec, session: RunSession) -> None:
     latest_speed: Metrics = {}
 
     gauges = ProgressGauges(session.experiment_name) if is_rank_zero else None
+    tracked = spec.tracking if is_rank_zero else None
+    logged = last_logged_steps(tracked, REPLAY_KEYS) if tracked is not None else {}
 
     def log(step: int, metrics: Metrics) -> None:
-        if is_rank_zero and spec.tracking is not None:
-            log_metrics(spec.tracking, metrics, step)
+        if tracked is not None and not _logged_before(step, metrics, logged):
+            log_metrics(tracked, metrics, step)
         if gauges is not None:
             gauges.update(step, metrics)
         if "images_per_s" in metrics:
@@ -145,6 +152,13 @@ def _train(spec: RunSpec, session: RunSession) -> None:
             session.report(report, checkpoint_dir=Path(directory))
 
     fit(trainer, batches, LoopHooks(log=log, evaluate=evaluate, checkpoint=save))
+
+
+def _logged_before(step: int, metrics: Metrics, logged: dict[str, int]) -> bool:
+    """Whether a replayed step's summary (it holds the loss) or evaluation (the teacher's
+    mAP) is in the MLflow run already, from the attempt before a restart or a resume."""
+    key = next((k for k in REPLAY_KEYS if k in metrics), None)
+    return key is not None and step <= logged.get(key, -1)
 
 
 def ray_step_batches(

@@ -256,6 +256,21 @@ def set_tags(run: RunRef, tags: Mapping[str, object]) -> None:
         with_lock_retry(client.set_tag, run.run_id, key, _param_value(value))
 
 
+def last_logged_steps(run: RunRef, keys: Sequence[str]) -> dict[str, int]:
+    """The last step at which ``run`` logged each of ``keys`` (left out: never logged).
+
+    A restarted worker replays the steps since its checkpoint; the run is deterministic, so
+    its first attempt logged the same values already and the replay must not log them twice.
+    """
+    client = mlflow_client(run.tracking_uri)
+    steps = {}
+    for key in keys:
+        history = with_lock_retry(client.get_metric_history, run.run_id, sanitize_key(key))
+        if history:
+            steps[key] = max(m.step for m in history)
+    return steps
+
+
 def log_metrics(run: RunRef, metrics: Mapping[str, float], step: int) -> None:
     """Log one step's metrics in batches; NaN/inf values are skipped (a diverged loss must
     not stop the trial's logging), with a debug message."""
