@@ -255,7 +255,7 @@ def test_overlay_artifacts_draw_the_first_val_images(trained_run, smoke_data, tm
             )
 
 
-def test_predict_cli_writes_overlays(trained_run, smoke_data, tmp_path):
+def test_predict_cli_writes_overlays(trained_run, smoke_data, tmp_path, capsys):
     fold, _ = smoke_data
     images = tmp_path / "images"
     images.mkdir()
@@ -273,14 +273,19 @@ def test_predict_cli_writes_overlays(trained_run, smoke_data, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "2 overlays of the teacher" in done.stdout
     by_model = tmp_path / "by_model"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "predict.py"),
-         "--model", f"models:/{trained_run['model_id']}", "--images", str(images),
-         "--out", str(by_model), "--tracking-uri", trained_run["uri"], "--ann", str(fold.val_ann)],
-        capture_output=True, text=True, timeout=120, env=env,
-    )
-    assert done.returncode == 0, done.stderr
-    assert f"2 overlays of model models:/{trained_run['model_id']}" in done.stdout
+    sys.path.insert(0, str(ROOT / "experiments"))  # the logged model through main(), in process
+    try:
+        import predict
+
+        code = predict.main(
+            ["--model", f"models:/{trained_run['model_id']}", "--images", str(images),
+             "--out", str(by_model), "--tracking-uri", trained_run["uri"],
+             "--ann", str(fold.val_ann)]
+        )  # fmt: skip
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    assert code == 0
+    assert f"2 overlays of model models:/{trained_run['model_id']}" in capsys.readouterr().out
     for name in ("000001.png", "000002.png"):  # the logged teacher draws what the run's does
         assert (by_model / name).read_bytes() == (out / name).read_bytes()
     assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png"]
