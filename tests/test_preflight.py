@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -438,3 +439,25 @@ def test_coco_files_whose_categories_differ_name_both(run_cli, tmp_path):
 def test_a_class_count_that_contradicts_the_coco_root_is_refused(run_cli, tmp_path):
     code, err = _sweep_on(run_cli, _coco_root(tmp_path), "--set", "detector.num_classes=5")
     assert code == 2 and "--set detector.num_classes=5, but" in err and "has 2 categories" in err
+
+
+def test_a_results_folder_under_a_file_is_refused_before_the_cluster(run_cli, tmp_path):
+    (tmp_path / "taken").write_text("a file where the folder should go")
+    target = tmp_path / "taken" / "results"
+    code, err = run_cli(
+        "fold_sweep", "--preset", "smoke", "--ratios", "10", "--results-dir", str(target)
+    )
+    assert code == 2
+    assert f"error: --results-dir {target}: {tmp_path / 'taken'} is a file, not a folder" in err
+
+
+def test_a_disk_too_full_for_the_checkpoints_is_refused_before_the_cluster(run_cli, monkeypatch):
+    """Two smoke trials keep 3 checkpoints each of 3 copies of 12.3M float32 parameters."""
+    full = shutil._ntuple_diskusage(total=2**40, used=2**40 - 2**20, free=2**20)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: full)
+    code, err = run_cli(
+        "ablations", "--preset", "smoke", "--only", "table6", "--rows", "e2e,e2e_ema"
+    )
+    assert code == 2
+    assert "0.0 GiB free on its disk, and the 2 trial(s) keep up to 0.8 GiB of checkpoints" in err
+    assert "(3 of 140 MiB each)" in err and "--set train.keep_checkpoints=1" in err

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,7 @@ from softteacher.config import ExperimentConfig
 from softteacher.data.coco import CocoFormatError, CocoSummary
 from softteacher.data.folds import FoldError
 from softteacher.data.protocol import DatasetLayoutError, coco_root_summary
+from softteacher.model.detector import build_detector
 from softteacher.run.spec import WorkerResources
 from softteacher.train.checkpoint import CheckpointError
 from softteacher.tune.ablation_tables import AblationTable
@@ -31,6 +34,9 @@ from softteacher.tune.grid import SweepSettings, TrialSpec, split_shared_burn_in
 from softteacher.tune.sweep import cpus_per_trial
 
 FOLDS = range(1, 6)  # the STAC protocol's five folds
+# A checkpoint holds three float32 copies of the student's parameters: the student, the EMA
+# teacher and the optimiser's momentum.
+CHECKPOINT_COPIES = 3
 # What a user can fix that surfaces only once the run started (a bad box in a fold file, a
 # truncated checkpoint): reported as one line too, but a bug's ValueError keeps its traceback.
 INPUT_ERRORS: tuple[type[Exception], ...] = (
@@ -87,6 +93,7 @@ def check_sweep(settings: SweepSettings, address: str | None) -> SweepSettings:
         split_shared_burn_in(specs, base)  # a burn-in to share
     if settings.early_stopping is not None:
         settings.early_stopping.check(settings)
+    check_results_folder("--results-dir", Path(settings.results_dir), base, len(specs))
     return settings
 
 
@@ -111,7 +118,42 @@ def check_ablations(
     if settings.shared_burn_in:
         split_shared_burn_in(specs, base)  # a burn-in to share
     settings.check_branch_point()
+    check_results_folder("--results-dir", Path(settings.results_dir), base, len(specs))
     return settings
+
+
+def checkpoint_bytes(cfg: ExperimentConfig) -> int:
+    """A checkpoint's size, from the detector's parameter count (built on the meta device:
+    no memory, no weights file read)."""
+    detector_cfg = dataclasses.replace(cfg.detector, backbone_weights=None)
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # the random-init warning of an R50 without weights
+        detector = build_detector(detector_cfg)
+    return CHECKPOINT_COPIES * 4 * sum(p.numel() for p in detector.parameters())
+
+
+def check_results_folder(option: str, folder: Path, cfg: ExperimentConfig, trials: int) -> None:
+    """The results folder can be made and written, and its disk holds every trial's kept
+    checkpoints (``train.keep_checkpoints`` and the burn-in branch point), so that a sweep
+    does not die of a full disk hours in."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {folder}: {existing} is a file, not a folder; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {folder}: {existing} is not writable; pass another folder")
+    size = checkpoint_bytes(cfg)
+    kept = cfg.train.keep_checkpoints + 1
+    needed = trials * kept * size
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise UsageError(
+            f"{option} {folder}: {free / 2**30:.1f} GiB free on its disk, and the {trials} "
+            f"trial(s) keep up to {needed / 2**30:.1f} GiB of checkpoints ({kept} of "
+            f"{size / 2**20:.0f} MiB each); free some space, pass a folder on another disk, "
+            "or keep fewer (--set train.keep_checkpoints=1)"
+        )
 
 
 def check_ratios(option: str, ratios: Iterable[float], methods: Iterable[str]) -> None:
