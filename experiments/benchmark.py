@@ -107,8 +107,10 @@ class PreparedSteps:
         ]
         self.images = n_labeled + n_unlabeled
         self.trainer = SoftTeacherTrainer(cfg, device)
-        if init is not None and cfg.detector.preset == "slim":
+        if init is not None and cfg.detector.preset == "slim":  # the teacher is a slim one
             load_weights(self.trainer, init)
+        elif init is not None:
+            print(f"{cfg.detector.preset}: from random init (the trained teacher is slim)")
         self.candidates: list[float] = []
         self._next = 0
 

@@ -21,6 +21,7 @@ import psutil
 import pytest
 import ray
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
@@ -141,7 +142,11 @@ def _kill_the_train_worker_after(step: int, tracking: RunRef, done: threading.Ev
     def watch() -> None:
         client = MlflowClient(tracking.tracking_uri)
         while not done.is_set() and not killed:
-            if any(m.step >= step for m in client.get_metric_history(tracking.run_id, LOSS)):
+            try:  # the worker writes the same sqlite store: a locked read is tried again
+                history = client.get_metric_history(tracking.run_id, LOSS)
+            except MlflowException:
+                history = []
+            if any(m.step >= step for m in history):
                 for process in psutil.Process().children(recursive=True):
                     with contextlib.suppress(psutil.Error):
                         if "RayTrainWorker" in " ".join(process.cmdline()):

@@ -32,7 +32,10 @@ class StepProfile:
 
 
 def profile_steps(step: Callable[[], object], steps: int, *, top: int = 10) -> StepProfile:
-    """Run ``step`` ``steps`` times under the profiler (CPU, and CUDA when present)."""
+    """Run ``step`` ``steps`` times under the profiler (CPU, and CUDA when present).
+
+    The parts are timed on the host: on CUDA a range ends when its kernels are launched, not
+    done, so run with ``CUDA_LAUNCH_BLOCKING=1`` for GPU shares."""
     activities = [ProfilerActivity.CPU]
     cuda = torch.cuda.is_available()
     if cuda:
