@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchvision.models import resnet18
 from torchvision.ops import MultiScaleRoIAlign
 
 from softteacher.config import METHODS, MethodConfig
@@ -201,6 +202,18 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_the_step_and_the_fix():
     trainer.step(_labeled(0.5), None)  # the first is skipped
     with pytest.raises(NonFiniteLossError, match=r"step 1, 2 step\(s\) in a row.*optim\.lr"):
         trainer.step(_labeled(0.5), None)
+
+
+def test_slim_blocks_set_the_resnet_depth_and_resnet18_is_torchvisions():
+    """(2, 2, 2, 2) is torchvision's ResNet-18 key for key; (1, 1, 1, 1) keeps its widths."""
+    default = preset("smoke").detector
+    body = build_detector(dataclasses.replace(default, slim_blocks=(2, 2, 2, 2))).backbone.body
+    assert set(body.state_dict()) <= set(resnet18().state_dict())
+    shallow = build_detector(dataclasses.replace(default, slim_blocks=(1, 1, 1, 1)))
+    assert [len(getattr(shallow.backbone.body, f"layer{i}")) for i in range(1, 5)] == [1] * 4
+    assert shallow.backbone.body.layer4[0].conv1.out_channels == 512
+    with pytest.raises(ValueError, match=r"slim_blocks.*\(2, 2, 2, 2\)"):
+        build_detector(dataclasses.replace(default, slim_blocks=(2, 0, 2, 2)))
 
 
 def test_slim_detector_output_shapes():

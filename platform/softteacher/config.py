@@ -112,6 +112,9 @@ class DetectorConfig:
     preset: DetectorPreset = "r50-fpn"
     num_classes: int = 80
     backbone_weights: str | None = None
+    # BasicBlocks in each of the slim ResNet's four stages: (2, 2, 2, 2) is torchvision's
+    # ResNet-18; fewer make a shallower ResNet of the same widths (ignored by r50-fpn)
+    slim_blocks: tuple[int, int, int, int] = (2, 2, 2, 2)
     fpn_channels: int = 256
     box_head_dim: int = 1024
     rois_per_image: int = 512

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet18, resnet50
+from torchvision.models import resnet50
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -115,8 +116,14 @@ def build_detector(cfg: DetectorConfig) -> FasterRCNN:
 
 
 def _slim_backbone(cfg: DetectorConfig) -> BackboneWithFPN:
-    """ResNet-18 (trainable BatchNorm: it starts from random init) with a narrow FPN on C3-C5."""
-    body = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
+    """ResNet-18, or a shallower ResNet of its widths (``slim_blocks``), with trainable
+    BatchNorm (it starts from random init) and a narrow FPN on C3-C5."""
+    if len(cfg.slim_blocks) != 4 or min(cfg.slim_blocks) < 1:
+        raise ValueError(
+            f"detector.slim_blocks must be 4 stage depths >= 1, got {cfg.slim_blocks!r}; "
+            "ResNet-18 is (2, 2, 2, 2)"
+        )
+    body = ResNet(BasicBlock, list(cfg.slim_blocks), norm_layer=nn.BatchNorm2d)
     _load_backbone_weights(body, cfg.backbone_weights)
     return BackboneWithFPN(
         body,
