@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import itertools
 import json
 import statistics
 import tempfile
@@ -65,23 +67,30 @@ def _shards(fold: FoldData, data: Path) -> tuple[ShardSet, ShardSet]:
     return write_shards(labeled, data / "shards"), write_shards(unlabeled, data / "shards")
 
 
-def _step_config(detector: str, size: int, method: str, slim_preset: str) -> ExperimentConfig:
+def _step_config(
+    detector: str, size: int, method: str, slim_preset: str, amp: str = "off"
+) -> ExperimentConfig:
     """A detector's preset at a fixed image size, past burn-in, at full unlabeled weight,
     on the slim preset's synthetic set."""
     source = preset(R50_PRESET if detector == "r50-fpn" else slim_preset)
     cfg = dataclasses.replace(source, synthetic=preset(slim_preset).synthetic)
     return cfg.replace(
+        detector={"amp": amp},
         method={"method": method, "burn_in_steps": 0, "unsup_weight_ramp_steps": 0},
         augment={"train_sizes": (size, size), "test_size": size, "max_size": 2 * size},
     )
 
 
 def trained_teacher(steps: int, slim_preset: str, data: Path) -> Path:
-    """A slim supervised run's checkpoint (10% fold 1), trained once and kept."""
-    directory = data / "bench" / f"teacher-{slim_preset}-{steps}"
+    """A slim supervised run's checkpoint (10% fold 1), trained once and kept; its folder
+    names the detector's config, so a preset whose detector changed trains a new one."""
+    cfg = preset(slim_preset)
+    detector = json.dumps(dataclasses.asdict(cfg.detector), sort_keys=True).encode()
+    key = hashlib.sha256(detector).hexdigest()[:8]
+    directory = data / "bench" / f"teacher-{slim_preset}-{steps}-{key}"
     if has_checkpoint(directory):
         return directory
-    cfg = preset(slim_preset).replace(
+    cfg = cfg.replace(
         method={"method": "supervised"},
         train={"max_steps": steps, "eval_every": 10**9, "ckpt_every": steps, "log_every": 50},
     )
@@ -139,6 +148,7 @@ def speed(args: argparse.Namespace) -> tuple[list[str], list[list[str]], list[di
     header = [
         "detector",
         "short side",
+        "amp",
         "method",
         "images/step",
         "images/s (median)",
@@ -149,53 +159,56 @@ def speed(args: argparse.Namespace) -> tuple[list[str], list[list[str]], list[di
     ]
     rows, records = [], []
     for detector in args.detectors.split(","):
-        for size in (int(s) for s in args.sizes.split(",")):
-            for method in METHODS:
-                cfg = _step_config(detector, size, method, args.preset)
-                prepared = PreparedSteps(cfg, init, args.data_dir)
-                if torch.cuda.is_available():
-                    torch.cuda.reset_peak_memory_stats()
-                for _ in range(args.warmup):
+        for size, amp, method in itertools.product(
+            (int(s) for s in args.sizes.split(",")), args.amp.split(","), METHODS
+        ):
+            cfg = _step_config(detector, size, method, args.preset, amp)
+            prepared = PreparedSteps(cfg, init, args.data_dir)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.warmup):
+                prepared.step()
+            speeds = []
+            for _ in range(args.repeats):
+                _sync()
+                start = time.perf_counter()
+                for _ in range(args.steps):
                     prepared.step()
-                speeds = []
-                for _ in range(args.repeats):
-                    _sync()
-                    start = time.perf_counter()
-                    for _ in range(args.steps):
-                        prepared.step()
-                    _sync()
-                    speeds.append(args.steps * prepared.images / (time.perf_counter() - start))
-                timed = prepared.candidates[args.warmup :]
-                record = {
-                    "detector": detector,
-                    "size": size,
-                    "method": method,
-                    "images_per_step": prepared.images,
-                    "images_per_s": statistics.median(speeds),
-                    "images_per_s_all": speeds,
-                    "candidates_per_image": sum(timed) / len(timed),
-                    "rss_mib": psutil.Process().memory_info().rss / 2**20,
-                    "cuda_max_mib": (
-                        torch.cuda.max_memory_allocated() / 2**20
-                        if torch.cuda.is_available()
-                        else None
-                    ),
-                }
-                records.append(record)
-                rows.append(
-                    [
-                        detector,
-                        str(size),
-                        method,
-                        str(prepared.images),
-                        f"{record['images_per_s']:.2f}",
-                        f"{min(speeds):.2f}-{max(speeds):.2f}",
-                        f"{record['candidates_per_image']:.1f}",
-                        f"{record['rss_mib']:.0f}",
-                        "-" if record["cuda_max_mib"] is None else f"{record['cuda_max_mib']:.0f}",
-                    ]
-                )
-                print(" | ".join(rows[-1]), flush=True)
+                _sync()
+                speeds.append(args.steps * prepared.images / (time.perf_counter() - start))
+            timed = prepared.candidates[args.warmup :]
+            record = {
+                "detector": detector,
+                "size": size,
+                "amp": amp,
+                "method": method,
+                "images_per_step": prepared.images,
+                "images_per_s": statistics.median(speeds),
+                "images_per_s_all": speeds,
+                "candidates_per_image": sum(timed) / len(timed),
+                "rss_mib": psutil.Process().memory_info().rss / 2**20,
+                "cuda_max_mib": (
+                    torch.cuda.max_memory_allocated() / 2**20
+                    if torch.cuda.is_available()
+                    else None
+                ),
+            }
+            records.append(record)
+            rows.append(
+                [
+                    detector,
+                    str(size),
+                    amp,
+                    method,
+                    str(prepared.images),
+                    f"{record['images_per_s']:.2f}",
+                    f"{min(speeds):.2f}-{max(speeds):.2f}",
+                    f"{record['candidates_per_image']:.1f}",
+                    f"{record['rss_mib']:.0f}",
+                    "-" if record["cuda_max_mib"] is None else f"{record['cuda_max_mib']:.0f}",
+                ]
+            )
+            print(" | ".join(rows[-1]), flush=True)
     return header, rows, records
 
 
@@ -203,7 +216,7 @@ def profile(args: argparse.Namespace) -> tuple[list[str], list[list[str]], list[
     """One Soft Teacher step's parts and their shares; the operators that dominate."""
     init = _teacher(args)
     detector, size = args.detectors.split(",")[0], int(args.sizes.split(",")[0])
-    cfg = _step_config(detector, size, METHODS[1], args.preset)
+    cfg = _step_config(detector, size, METHODS[1], args.preset, args.amp.split(",")[0])
     prepared = PreparedSteps(cfg, init, args.data_dir)
     for _ in range(args.warmup):
         prepared.step()
@@ -418,6 +431,9 @@ def _parser() -> argparse.ArgumentParser:
             "--teacher-steps", type=int, default=300, help="0: a random teacher (no candidates)"
         )
         step.add_argument("--preset", default="cpu", help="the slim detector's preset")
+        step.add_argument(
+            "--amp", default="off", help="backbone precisions to compare, e.g. off,bf16"
+        )
     sub.add_parser("stream", help=stream.__doc__).add_argument("--rows", type=int, default=320)
     sub.add_parser("platform", help=platform.__doc__).add_argument("--steps", type=int, default=60)
     curve_ = sub.add_parser("curve", help=curve.__doc__)

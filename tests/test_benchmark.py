@@ -20,17 +20,19 @@ def test_profile_and_speed_write_their_tables_from_a_trained_teacher(tmp_path):
     common = ["--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")]
     quick = ["--preset", "smoke", "--sizes", "64", "--teacher-steps", "4", "--warmup", "1"]
     benchmark.main([*common, "profile", *quick, "--steps", "2"])
-    benchmark.main([*common, "speed", *quick, "--steps", "1", "--repeats", "2"])
+    benchmark.main([*common, "speed", *quick, "--steps", "1", "--repeats", "2", "--amp", "off,bf16"])
 
-    assert (tmp_path / "data" / "bench" / "teacher-smoke-4").is_dir()  # trained once, kept
+    assert len(list((tmp_path / "data" / "bench").glob("teacher-smoke-4-*"))) == 1  # kept
     profile = json.loads((tmp_path / "results" / "benchmark_profile.json").read_text())
     (record,) = profile["results"]
     assert set(record["part_ms"]) == set(STEP_PARTS)
     assert sum(record["shares"].values()) == pytest.approx(1.0)
     assert "| step/box_jitter |" in (tmp_path / "results" / "benchmark_profile.md").read_text()
     speed = json.loads((tmp_path / "results" / "benchmark_speed.json").read_text())
-    assert [(r["method"], len(r["images_per_s_all"])) for r in speed["results"]] == [
-        ("supervised", 2),
-        ("soft_teacher_jitter", 2),
+    assert [(r["amp"], r["method"], len(r["images_per_s_all"])) for r in speed["results"]] == [
+        ("off", "supervised", 2),
+        ("off", "soft_teacher_jitter", 2),
+        ("bf16", "supervised", 2),
+        ("bf16", "soft_teacher_jitter", 2),
     ]
     assert all(r["images_per_s"] > 0 for r in speed["results"])

@@ -216,6 +216,32 @@ def test_slim_blocks_set_the_resnet_depth_and_resnet18_is_torchvisions():
         build_detector(dataclasses.replace(default, slim_blocks=(2, 0, 2, 2)))
 
 
+def test_amp_runs_the_backbone_in_bf16_and_the_heads_losses_and_boxes_in_fp32():
+    cfg = preset("smoke")
+    amp = cfg.replace(detector={"amp": "bf16"})
+    trainer = SoftTeacherTrainer(amp, torch.device("cpu"))
+    dtypes = {}
+
+    def record(name, output):
+        dtypes.setdefault(name, output.dtype)  # and return None: the output stays
+
+    body, rpn = trainer.student.backbone.body, trainer.student.rpn.head
+    body.layer1.register_forward_hook(lambda m, i, out: record("layer1", out))
+    rpn.register_forward_hook(lambda m, i, out: record("rpn", out[1][0]))
+    metrics = trainer.step(_labeled(0.5, n=2), None)
+    assert dtypes == {"layer1": torch.bfloat16, "rpn": torch.float32}
+    assert np.isfinite(metrics["loss/total"])
+    assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
+    # the same parameters and keys: a checkpoint of either precision loads into the other
+    plain = build_detector(cfg.detector)
+    plain.load_state_dict(trainer.student.state_dict())
+    with torch.no_grad():
+        (boxes,) = trainer.teacher.eval()([torch.rand(3, SIZE, SIZE)])
+    assert boxes["boxes"].dtype == torch.float32
+    with pytest.raises(ValueError, match="detector.amp 'fp8'"):
+        build_detector(dataclasses.replace(cfg.detector, amp="fp8"))
+
+
 def test_slim_detector_output_shapes():
     cfg = preset("smoke").detector
     detector = build_detector(cfg).eval()

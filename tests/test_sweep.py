@@ -268,3 +268,5 @@ def test_both_sweep_commands_read_the_shared_options_alike(tmp_path):
                  "num_cpus", "address", "dashboard_port", "coco_root", "data_dir"):  # fmt: skip
         assert getattr(sweep, name) == getattr(table, name), name
     assert sweep.overrides == ["method.unsup_weight=2"] and sweep.max_steps == 3
+    amp = fold_sweep.parse_args(["--set", "train.seed=1", "--amp", "bf16"])
+    assert amp.overrides == ["train.seed=1", "detector.amp=bf16"]  # --amp is an override

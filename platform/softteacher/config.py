@@ -20,6 +20,7 @@ Method = Literal[
 Indicator = Literal["bg_teacher", "bg_student", "pred_diff", "iou", "reverse_iou", "none"]
 SoftWeightNorm = Literal["joint", "paper"]
 DetectorPreset = Literal["r50-fpn", "slim"]
+Precision = Literal["off", "bf16"]
 ViewKind = Literal["weak", "colour", "strong"]
 
 # In the paper's ablation order (Tables 5-6): tables list methods in this order.
@@ -115,6 +116,9 @@ class DetectorConfig:
     # BasicBlocks in each of the slim ResNet's four stages: (2, 2, 2, 2) is torchvision's
     # ResNet-18; fewer make a shallower ResNet of the same widths (ignored by r50-fpn)
     slim_blocks: tuple[int, int, int, int] = (2, 2, 2, 2)
+    # Mixed precision (``--amp``): "bf16" runs the backbone and FPN under autocast and hands
+    # their features on in float32, so the heads, box decoding, NMS and losses stay float32
+    amp: Precision = "off"
     fpn_channels: int = 256
     box_head_dim: int = 1024
     rois_per_image: int = 512

@@ -10,6 +10,13 @@ from pathlib import Path
 from softteacher.presets import PRESETS
 
 
+class _AppendAmpOverride(argparse.Action):
+    """``--amp X`` is ``--set detector.amp=X``: one place (the overrides) sets the config."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        namespace.overrides = [*namespace.overrides, f"detector.amp={value}"]
+
+
 def shared_options() -> argparse.ArgumentParser:
     """A parent parser (``argparse.ArgumentParser(parents=[shared_options()])``)."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -35,6 +42,13 @@ def shared_options() -> argparse.ArgumentParser:
         metavar="SECTION.FIELD=VALUE",
         help="set any config field after the preset and --max-steps (repeatable), e.g. "
         "--set method.unsup_weight=2 --set optim.decay_steps=1000,2000",
+    )
+    config.add_argument(
+        "--amp",
+        choices=("off", "bf16"),
+        action=_AppendAmpOverride,
+        help="mixed precision of the backbone and FPN (the same as --set detector.amp=bf16); "
+        "for GPUs and for CPUs with AVX512-BF16 or AMX",
     )
     config.add_argument(
         "--coco-root",
