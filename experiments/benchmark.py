@@ -188,9 +188,7 @@ def speed(args: argparse.Namespace) -> tuple[list[str], list[list[str]], list[di
                 "candidates_per_image": sum(timed) / len(timed),
                 "rss_mib": psutil.Process().memory_info().rss / 2**20,
                 "cuda_max_mib": (
-                    torch.cuda.max_memory_allocated() / 2**20
-                    if torch.cuda.is_available()
-                    else None
+                    torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
                 ),
             }
             records.append(record)

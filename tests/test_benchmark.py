@@ -20,7 +20,9 @@ def test_profile_and_speed_write_their_tables_from_a_trained_teacher(tmp_path):
     common = ["--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")]
     quick = ["--preset", "smoke", "--sizes", "64", "--teacher-steps", "4", "--warmup", "1"]
     benchmark.main([*common, "profile", *quick, "--steps", "2"])
-    benchmark.main([*common, "speed", *quick, "--steps", "1", "--repeats", "2", "--amp", "off,bf16"])
+    benchmark.main(
+        [*common, "speed", *quick, "--steps", "1", "--repeats", "2", "--amp", "off,bf16"]
+    )
 
     assert len(list((tmp_path / "data" / "bench").glob("teacher-smoke-4-*"))) == 1  # kept
     profile = json.loads((tmp_path / "results" / "benchmark_profile.json").read_text())

@@ -242,7 +242,7 @@ class TrainConfig:
     max_val_images: int | None = None
     pseudo_quality_images: int = 64
     # Ray's rolling checkpoints kept (the latest ones; a run's end-of-burn-in branch point is
-    # kept apart): a checkpoint holds student, teacher and optimiser, ~150 MB at the CPU sizes
+    # kept apart): a checkpoint holds student, teacher and optimiser, 69-140 MiB at the CPU sizes
     keep_checkpoints: int = 2
     # a step whose loss or gradient is NaN or infinite is skipped (no update) and counted in
     # ``nonfinite_steps``; this many in a row stop the run with the reason

@@ -19,14 +19,16 @@ parameters are uniform in their +- ranges (the colour magnitude does not scale t
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from softteacher.config import AugmentConfig
 from softteacher.data.samples import ImageRecord, LabeledSample, UnlabeledSample, View
+
+if TYPE_CHECKING:  # the Ray Data actors import this module and never need torch (~3 s)
+    import torch
 
 COLOUR_OPS: tuple[str, ...] = (
     "identity",
@@ -99,6 +101,8 @@ def transfer_boxes(
     ``dst_size`` is (height, width). The matrix product is formed in float64 (the inverse of
     a resize-and-rotate matrix loses digits in float32); the boxes keep their dtype and device.
     """
+    import torch  # here, not at the top: see the TYPE_CHECKING import
+
     src = torch.as_tensor(src_matrix, dtype=torch.float64)
     dst = torch.as_tensor(dst_matrix, dtype=torch.float64)
     matrix = (dst @ torch.linalg.inv(src)).to(device=boxes.device, dtype=boxes.dtype)
