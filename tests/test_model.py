@@ -208,12 +208,12 @@ def test_slim_blocks_set_the_resnet_depth_and_resnet18_is_torchvisions():
     """(2, 2, 2, 2) is torchvision's ResNet-18 key for key; (1, 1, 1, 1) keeps its widths."""
     default = preset("smoke").detector
     body = build_detector(dataclasses.replace(default, slim_blocks=(2, 2, 2, 2))).backbone.body
-    assert set(body.state_dict()) <= set(resnet18().state_dict())
+    assert set(body.state_dict()) == {k for k in resnet18().state_dict() if not k.startswith("fc.")}
     shallow = build_detector(dataclasses.replace(default, slim_blocks=(1, 1, 1, 1)))
     assert [len(getattr(shallow.backbone.body, f"layer{i}")) for i in range(1, 5)] == [1] * 4
     assert shallow.backbone.body.layer4[0].conv1.out_channels == 512
     with pytest.raises(ValueError, match=r"slim_blocks.*\(2, 2, 2, 2\)"):
-        build_detector(dataclasses.replace(default, slim_blocks=(2, 0, 2, 2)))
+        dataclasses.replace(default, slim_blocks=(2, 0, 2, 2))
 
 
 def test_amp_runs_the_backbone_in_bf16_and_the_heads_losses_and_boxes_in_fp32():
@@ -239,7 +239,7 @@ def test_amp_runs_the_backbone_in_bf16_and_the_heads_losses_and_boxes_in_fp32():
         (boxes,) = trainer.teacher.eval()([torch.rand(3, SIZE, SIZE)])
     assert boxes["boxes"].dtype == torch.float32
     with pytest.raises(ValueError, match="detector.amp 'fp8'"):
-        build_detector(dataclasses.replace(cfg.detector, amp="fp8"))
+        dataclasses.replace(cfg.detector, amp="fp8")
 
 
 def test_slim_detector_output_shapes():

@@ -135,6 +135,15 @@ class DetectorConfig:
     box_nms_thresh: float = 0.5
     detections_per_img: int = 100
 
+    def __post_init__(self) -> None:
+        if len(self.slim_blocks) != 4 or min(self.slim_blocks) < 1:
+            raise ValueError(
+                f"detector.slim_blocks must be 4 stage depths >= 1, got {self.slim_blocks!r}; "
+                "ResNet-18 is (2, 2, 2, 2)"
+            )
+        if self.amp not in ("off", "bf16"):
+            raise ValueError(f"unknown detector.amp {self.amp!r}; use 'off' or 'bf16'")
+
 
 @dataclass(frozen=True)
 class MethodConfig:

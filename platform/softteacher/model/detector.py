@@ -86,11 +86,7 @@ class MixedPrecisionBackbone(BackboneWithFPN):
 
 
 def _backbone_class(cfg: DetectorConfig) -> type[BackboneWithFPN]:
-    if cfg.amp == "bf16":
-        return MixedPrecisionBackbone
-    if cfg.amp != "off":
-        raise ValueError(f"unknown detector.amp {cfg.amp!r}; use 'off' or 'bf16'")
-    return BackboneWithFPN
+    return MixedPrecisionBackbone if cfg.amp == "bf16" else BackboneWithFPN
 
 
 def build_detector(cfg: DetectorConfig) -> FasterRCNN:
@@ -142,11 +138,6 @@ def build_detector(cfg: DetectorConfig) -> FasterRCNN:
 def _slim_backbone(cfg: DetectorConfig) -> BackboneWithFPN:
     """ResNet-18, or a shallower ResNet of its widths (``slim_blocks``), with trainable
     BatchNorm (it starts from random init) and a narrow FPN on C3-C5."""
-    if len(cfg.slim_blocks) != 4 or min(cfg.slim_blocks) < 1:
-        raise ValueError(
-            f"detector.slim_blocks must be 4 stage depths >= 1, got {cfg.slim_blocks!r}; "
-            "ResNet-18 is (2, 2, 2, 2)"
-        )
     body = ResNet(BasicBlock, list(cfg.slim_blocks), norm_layer=nn.BatchNorm2d)
     _load_backbone_weights(body, cfg.backbone_weights)
     return _backbone_class(cfg)(
