@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,19 +85,28 @@ def free_port() -> int:
 @dataclass(frozen=True)
 class HeadNode:
     """A local head node started by ``ray start --head``: where to join it, its dashboard,
-    and its session folder (logs, the Prometheus scrape config)."""
+    its session folder (logs, the Prometheus scrape config) and its authentication token."""
 
     gcs_address: str
     dashboard_url: str
     session_dir: Path
+    auth_token: str
+
+    def driver_env(self) -> dict[str, str]:
+        """The environment of a driver that joins this node with its token."""
+        return os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token}
 
 
 @pytest.fixture(scope="module")
 def ray_head_node() -> Iterator[HeadNode]:
     """On free ports (another cluster on the machine may hold the default ones) and a temp
     folder of its own (a short path: Ray's socket paths must stay under 108 characters),
-    stopped with its processes at the end (``--block`` stops them when it exits)."""
+    stopped with its processes at the end (``--block`` stops them when it exits).
+
+    Token authentication is always on, with a token of its own: ``ray start`` turns it on
+    only when ``~/.ray/auth_token`` exists, which depends on what ran before."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
+    auth_token = uuid.uuid4().hex
     gcs_port, dashboard_port = free_port(), free_port()
     head = subprocess.Popen(
         [
@@ -108,6 +118,7 @@ def ray_head_node() -> Iterator[HeadNode]:
         ],
         stdout=(temp_dir / "ray_start.log").open("w"),
         stderr=subprocess.STDOUT,
+        env=os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token},
     )
     url = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.monotonic() + 120
@@ -122,7 +133,9 @@ def ray_head_node() -> Iterator[HeadNode]:
             assert time.monotonic() < deadline, "the head node's dashboard did not come up"
             time.sleep(1.0)
     try:
-        yield HeadNode(f"127.0.0.1:{gcs_port}", url, (temp_dir / "session_latest").resolve())
+        yield HeadNode(
+            f"127.0.0.1:{gcs_port}", url, (temp_dir / "session_latest").resolve(), auth_token
+        )
     finally:
         head.send_signal(signal.SIGTERM)
         head.wait(timeout=60)

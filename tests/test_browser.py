@@ -76,9 +76,8 @@ def submitted_sweep(
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     work = tmp_path_factory.mktemp("browser-sweep")
-    token_file = Path.home() / ".ray" / "auth_token"
-    token = token_file.read_text().strip() if token_file.is_file() else ""
-    headers = {"Authorization": f"Bearer {token}"} if token else None
+    token = ray_head_node.auth_token
+    headers = {"Authorization": f"Bearer {token}"}
     deadline = time.monotonic() + 120
     while True:  # the dashboard, then its job agent, come up seconds after the node
         try:

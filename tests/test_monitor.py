@@ -5,7 +5,6 @@ without a prometheus binary (Debian: apt install prometheus)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,9 @@ from softteacher.tune.monitor import MonitorError, scrape_config, start_promethe
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = shutil.which("prometheus")
 SWEEP_TIMEOUT_S = 600
+# Ray reports a worker's metrics and Prometheus scrapes them every 10 s each: the trial must
+# train for longer than both together. The sweep is killed as soon as the gauges are seen.
+MAX_STEPS = 400
 
 
 def _query(port: int, promql: str) -> list[dict]:
@@ -45,37 +47,41 @@ def test_prometheus_scrapes_the_running_trials_gauges(ray_head_node: HeadNode, t
     )
     command = [
         sys.executable, str(ROOT / "experiments" / "fold_sweep.py"), "--preset", "smoke",
-        "--ratios", "10", "--folds", "1", "--method", "supervised", "--max-steps", "16",
+        "--ratios", "10", "--folds", "1", "--method", "supervised", "--max-steps", str(MAX_STEPS),
         "--address", ray_head_node.gcs_address, "--results-dir", str(tmp_path / "results"),
         "--data-dir", str(tmp_path / "data"),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    env["PYTHONPATH"] = str(ROOT / "platform")
-    # `ray start` asks for the token: without token mode, one line saying so
-    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
-    assert refused.stderr.strip().splitlines()[-1].startswith("error: --address")
-    assert "RAY_AUTH_MODE=token" in refused.stderr
-    sweep = subprocess.Popen(
-        command, env=env | {"RAY_AUTH_MODE": "token"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    env = ray_head_node.driver_env() | {"PYTHONPATH": str(ROOT / "platform")}
+    without_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
     found: dict[str, list[dict]] = {}
+    output = ""
     try:
-        deadline = time.monotonic() + SWEEP_TIMEOUT_S
-        while sweep.poll() is None and time.monotonic() < deadline:
-            try:
-                for gauge in ("ray_softteacher_step", "ray_softteacher_images_per_s"):
-                    if gauge not in found and (series := _query(port, gauge)):
-                        found[gauge] = series
-            except OSError:
-                pass  # Prometheus still starting
-            if len(found) == 2:
-                break
-            time.sleep(2.0)
+        # the node asks for its token: a driver without token mode gets one line saying so
+        refused = subprocess.run(
+            command, env=without_token, capture_output=True, text=True, timeout=120
+        )
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+        assert refused.stderr.strip().splitlines()[-1].startswith("error: --address")
+        assert "RAY_AUTH_MODE=token" in refused.stderr
+        sweep = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            deadline = time.monotonic() + SWEEP_TIMEOUT_S
+            while sweep.poll() is None and time.monotonic() < deadline:
+                try:
+                    for gauge in ("ray_softteacher_step", "ray_softteacher_images_per_s"):
+                        if gauge not in found and (series := _query(port, gauge)):
+                            found[gauge] = series
+                except OSError:
+                    pass  # Prometheus still starting
+                if len(found) == 2:
+                    break
+                time.sleep(2.0)
+        finally:
+            sweep.kill()
+            output = sweep.communicate()[0]
     finally:
-        sweep.kill()
-        output = sweep.communicate()[0]
         server.terminate()
         server.wait(timeout=30)
     assert len(found) == 2, output[-3000:] + (tmp_path / "prometheus.log").read_text()[-2000:]
