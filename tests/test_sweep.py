@@ -7,11 +7,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
@@ -56,27 +59,66 @@ def _sweep_args(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def _sweep(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def _sweep_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # smoke trials last seconds
+    return env
+
+
+def _sweep_killed_at(tmp_path: Path, line_start: str, *extra: str) -> tuple[str, list[int]]:
+    """Runs the command until it prints a line starting with ``line_start``, then SIGKILLs
+    it; returns what it printed and the pids of the processes it had started (its cluster)."""
     command = [sys.executable, str(ROOT / "experiments" / "fold_sweep.py")]
     command += _sweep_args(tmp_path, *extra)
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    driver = subprocess.Popen(
+        command, env=_sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    printed = []
+    try:
+        for line in driver.stdout:
+            printed.append(line)
+            if line.startswith(line_start):
+                break
+        started = [p.pid for p in psutil.Process(driver.pid).children(recursive=True)]
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait(timeout=60)
+    return "".join(printed), started
 
 
-def test_sweep_command_records_runs_branches_off_the_burn_in_and_resumes(
+def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
     ray_cluster, tmp_path, monkeypatch, capsys
 ):
-    """The one end-to-end command: a supervised trial, a Soft Teacher trial branched off its
-    end-of-burn-in checkpoint, MLflow runs, the table; a rerun resumes and trains nothing
-    (the rerun on the tests' own cluster: the command's own start-up is the first run's)."""
-    first = _sweep(tmp_path, "--shared-burn-in")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "Ray dashboard: http://127.0.0.1:" in first.stdout
-    assert "shared burn-in: 1 run(s) first, then 1 semi-supervised run(s)" in first.stdout
-    assert first.stdout.count("[done]") == 2
+    """The one end-to-end command: a supervised trial, then a Soft Teacher trial branched
+    off its end-of-burn-in checkpoint, the driver SIGKILLed while that trial trains, and the
+    same command again: the finished trial is not rerun, the other finishes, MLflow holds
+    one parent and two children, all FINISHED, and the table both rows. (The rerun uses
+    the tests' own cluster: the command's own start-up is the first run's.)"""
+    first, started = _sweep_killed_at(
+        tmp_path, "[start] 10% fold 1 soft_teacher", "--shared-burn-in"
+    )
+    assert "Ray dashboard: http://127.0.0.1:" in first
+    assert "shared burn-in: 1 run(s) first, then 1 semi-supervised run(s)" in first
+    assert first.count("[done]") == 1 and "[done]  10% fold 1 supervised" in first
+    assert started
+
+    import fold_sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    capsys.readouterr()
+    fold_sweep.main(_sweep_args(tmp_path, "--shared-burn-in"))  # exits only on a failure
+    again = capsys.readouterr().out
+    assert "resuming sweep" in again
+    assert again.count("[start]") == 1 and "[start] 10% fold 1 soft_teacher" in again
+    assert again.count("[done]") == 1
+    # the killed driver's cluster went with it: its raylet and GCS at once; Ray's dashboard
+    # and runtime-env agents see their raylet die at once too, but first try to report it
+    # to the dead GCS, for its 60 s reconnect timeout (61-141 s measured), so they are
+    # checked after the rerun
+    assert _still_running(started) == []
 
     results = tmp_path / "results"
     client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
@@ -84,6 +126,7 @@ def test_sweep_command_records_runs_branches_off_the_burn_in_and_resumes(
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {r.data.params["method"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(runs) == 3  # the parent and the killed trial's child reused, not duplicated
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert set(children) == {"supervised", "soft_teacher_jitter"}
     for child in children.values():
@@ -121,6 +164,7 @@ def test_sweep_command_records_runs_branches_off_the_burn_in_and_resumes(
     assert branch.parent.name.endswith(supervised.info.run_name)
     steps = [m.step for m in client.get_metric_history(soft.info.run_id, "loss/total")]
     assert min(steps) > burn_in  # it trained its semi-supervised phase only
+    assert len(steps) == len(set(steps))  # and logged each step once, kill or not
     baseline_steps = client.get_metric_history(supervised.info.run_id, "loss/total")
     assert min(m.step for m in baseline_steps) <= burn_in
     # checkpoints at steps 4 (burn-in), 6 and 12: Ray keeps the last 2, the branch point apart
@@ -134,15 +178,23 @@ def test_sweep_command_records_runs_branches_off_the_burn_in_and_resumes(
         rows = list(csv.DictReader(handle))
     assert {row["method"] for row in rows} == {"supervised", "soft_teacher_jitter"}
 
-    import fold_sweep
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    capsys.readouterr()
-    fold_sweep.main(_sweep_args(tmp_path, "--shared-burn-in"))  # exits only on a failure
-    again = capsys.readouterr().out
-    assert "resuming sweep" in again
-    assert again.count("[start]") == 0  # finished trials are not rerun
-    assert len(client.search_runs([experiment.experiment_id])) == 3
+def _still_running(pids: list[int], timeout_s: float = 180.0) -> list[str]:
+    """The command lines of ``pids`` still running after up to ``timeout_s`` (a zombie,
+    which only its new parent has yet to reap, counts as ended)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = []
+        for pid in pids:
+            try:
+                process = psutil.Process(pid)
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    running.append(" ".join(process.cmdline()[:3]))
+            except psutil.NoSuchProcess:
+                pass
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(1.0)
 
 
 def test_a_failed_trial_fails_the_sweep_and_its_mlflow_runs(ray_cluster, tmp_path, monkeypatch):
