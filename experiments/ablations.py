@@ -27,6 +27,7 @@ from softteacher.tune.cluster import (
     start_or_join,
 )
 from softteacher.tune.options import shared_options
+from softteacher.tune.sweep import exit_on_interrupt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
     if dashboard:
         print(f"Ray dashboard: {dashboard}")
-    with exit_on_usage_error(AblationError, *INPUT_ERRORS):
+    with exit_on_interrupt(), exit_on_usage_error(AblationError, *INPUT_ERRORS):
         run_ablations(settings, tables)
 
 

@@ -28,7 +28,7 @@ from softteacher.tune.cluster import (
 )
 from softteacher.tune.grid import EarlyStopping, SweepSettings
 from softteacher.tune.options import shared_options
-from softteacher.tune.sweep import run_sweep
+from softteacher.tune.sweep import exit_on_interrupt, run_sweep
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
     if dashboard:
         print(f"Ray dashboard: {dashboard} (token: `ray get-auth-token`)")
-    with exit_on_usage_error(*INPUT_ERRORS):
+    with exit_on_interrupt(), exit_on_usage_error(*INPUT_ERRORS):
         result = run_sweep(settings)
     if not result.ok:
         sys.exit(1)

@@ -67,13 +67,18 @@ def _sweep_env() -> dict[str, str]:
     return env
 
 
-def _sweep_killed_at(tmp_path: Path, line_start: str, *extra: str) -> tuple[str, list[int]]:
-    """Runs the command until it prints a line starting with ``line_start``, then SIGKILLs
-    it; returns what it printed and the pids of the processes it had started (its cluster)."""
+def _sweep_signalled_at(
+    tmp_path: Path, line_start: str, sig: signal.Signals, *extra: str
+) -> tuple[str, list[int], int]:
+    """Runs the command until it prints a line starting with ``line_start``, then sends it
+    ``sig``: SIGINT to its process group, as a terminal's Ctrl-C does, SIGKILL to the driver
+    alone. Returns what it printed, the pids of the processes it had started (its cluster),
+    and its exit code."""
     command = [sys.executable, str(ROOT / "experiments" / "fold_sweep.py")]
     command += _sweep_args(tmp_path, *extra)
     driver = subprocess.Popen(
-        command, env=_sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, env=_sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )
     printed = []
     try:
@@ -82,11 +87,16 @@ def _sweep_killed_at(tmp_path: Path, line_start: str, *extra: str) -> tuple[str,
             if line.startswith(line_start):
                 break
         started = [p.pid for p in psutil.Process(driver.pid).children(recursive=True)]
-        driver.send_signal(signal.SIGKILL)
+        if sig == signal.SIGINT:
+            os.killpg(driver.pid, sig)
+        else:
+            driver.send_signal(sig)
+        printed += driver.stdout.readlines()
+        driver.wait(timeout=120)
     finally:
         driver.kill()
         driver.wait(timeout=60)
-    return "".join(printed), started
+    return "".join(printed), started, driver.returncode
 
 
 def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
@@ -97,8 +107,8 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
     same command again: the finished trial is not rerun, the other finishes, MLflow holds
     one parent and two children, all FINISHED, and the table both rows. (The rerun uses
     the tests' own cluster: the command's own start-up is the first run's.)"""
-    first, started = _sweep_killed_at(
-        tmp_path, "[start] 10% fold 1 soft_teacher", "--shared-burn-in"
+    first, started, _ = _sweep_signalled_at(
+        tmp_path, "[start] 10% fold 1 soft_teacher", signal.SIGKILL, "--shared-burn-in"
     )
     assert "Ray dashboard: http://127.0.0.1:" in first
     assert "shared burn-in: 1 run(s) first, then 1 semi-supervised run(s)" in first
@@ -177,6 +187,23 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
     with tables[0].open() as handle:
         rows = list(csv.DictReader(handle))
     assert {row["method"] for row in rows} == {"supervised", "soft_teacher_jitter"}
+
+
+def test_ctrl_c_ends_the_sweep_and_its_runs_killed_with_one_message(tmp_path):
+    """Ctrl-C mid-trial: exit 130 with one message saying how to resume, the sweep's MLflow
+    run and the trial's KILLED (Tune's own handler ended the sweep as if done instead, the
+    interrupted trial tagged as stopped early by a scheduler it did not have)."""
+    printed, _, code = _sweep_signalled_at(
+        tmp_path, "[eval]", signal.SIGINT, "--method", "supervised", "--max-steps", "60"
+    )
+    assert code == 130, printed[-3000:]
+    last = printed.strip().splitlines()[-1]
+    assert "interrupted" in last and "Rerun the same command to resume" in last, printed[-3000:]
+    assert "Traceback" not in printed and "_table" not in printed  # no table of a part
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fold_sweep").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+    assert not any("stopped_early" in r.data.tags for r in runs)
 
 
 def _still_running(pids: list[int], timeout_s: float = 180.0) -> list[str]:

@@ -322,6 +322,21 @@ def finish_run(run: RunRef, status: str = "FINISHED") -> None:
     with_lock_retry(client.set_terminated, run.run_id, status=status)
 
 
+def finish_running_children(parent: RunRef, status: str) -> list[str]:
+    """End ``parent``'s children that are still RUNNING with ``status``: trials whose
+    process went down with the driver cannot end their own runs. Returns their names."""
+    client = mlflow_client(parent.tracking_uri)
+    running = _search_all(
+        client,
+        parent.experiment_id,
+        f"tags.`{PARENT_TAG}` = {_quoted(parent.run_id)} and attributes.status = 'RUNNING'",
+        order_by=["attributes.start_time ASC"],
+    )
+    for run in running:
+        finish_run(RunRef(parent.tracking_uri, run.info.run_id, parent.experiment_id), status)
+    return [run.info.run_name for run in running]
+
+
 def run_status(run: RunRef) -> str:
     """RUNNING, FINISHED, FAILED, KILLED or SCHEDULED."""
     client = mlflow_client(run.tracking_uri)

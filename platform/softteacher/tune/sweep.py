@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from softteacher.track.mlflow_runs import (
     default_tracking_uri,
     find_child_run,
     finish_run,
+    finish_running_children,
     git_commit,
     log_json_artifact,
     resume_parent_run,
@@ -89,6 +94,34 @@ class SweepResult:
         return not self.failed
 
 
+# Ray Tune reads it when fit() starts
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep, after its MLflow runs were ended KILLED: what to tell the user."""
+
+    def __init__(self, sweep_name: str, interrupted_trials: list[str]) -> None:
+        trials = ", ".join(interrupted_trials) or "none"
+        super().__init__(
+            f"sweep {sweep_name} interrupted; its MLflow run and the trials it was training "
+            f"({trials}) are KILLED, the finished ones kept. Rerun the same command to "
+            "resume: finished trials are not trained again, interrupted ones go on from "
+            "their latest checkpoint"
+        )
+
+
+@contextmanager
+def exit_on_interrupt() -> Iterator[None]:
+    """A sweep's Ctrl-C as its one message on stderr and exit 130 (the shell's code for
+    SIGINT), never a traceback."""
+    try:
+        yield
+    except SweepInterrupted as interrupted:
+        print(f"\n{interrupted}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> SweepResult:
     """Prepare the folds, run (or resume) the trials, and write the mean +- std table.
 
@@ -114,11 +147,15 @@ def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> 
     print(f"sweep {settings.name}: {len(specs)} trials; MLflow {tracking_uri} run {parent.run_id}")
     print(ui_hint(tracking_uri, parent.experiment_id))
     printer = TrialEventPrinter(total=len(specs) + added_roots(settings, specs, base))
+    # Ctrl-C raises out of tuner.fit(): Tune's own handler would instead end fit() as if the
+    # sweep were done, its interrupted trials reading as stopped early or failed
+    os.environ[TUNE_SIGINT_ENV] = "1"
     try:
         result = _run_trials(settings, specs, prepared, parent, base, printer)
     except KeyboardInterrupt:
+        interrupted = finish_running_children(parent, "KILLED")
         finish_run(parent, "KILLED")
-        raise
+        raise SweepInterrupted(settings.name, interrupted) from None
     summaries = summarize(
         [table_row(t) for t in result.finished] + [stopped_row(t) for t in result.stopped]
     )
@@ -212,6 +249,7 @@ def _run_grid(
             ),
         )
     grid = tuner.fit()
+    scheduled = schedule and settings.early_stopping is not None
     finished, failed, stopped = [], [], []
     for result in grid:
         job: TrialJob = result.config["job"]
@@ -219,7 +257,7 @@ def _run_grid(
         final = {k: float(metrics[k]) for k in FINAL_METRICS if k in metrics}
         if result.error is None and "final" in metrics:
             finished.append(FinishedTrial(job.point, final))
-        elif result.error is None and TRAINED_STEPS in metrics:
+        elif scheduled and result.error is None and TRAINED_STEPS in metrics:
             # ended without an error and without its final report: the scheduler stopped it
             trial = StoppedTrial(job.point, int(metrics[TRAINED_STEPS]), final)
             mark_stopped(job, trial)
