@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
 import pytest
 from ray import cloudpickle, tune
@@ -22,14 +23,25 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 EVAL_STEPS = (2, 4, 6, 8, 10, 12)  # the smoke preset runs 12 steps
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A stand-in for the sweep's TrialJob: how good the trial is, and the trial it
+    branches off under a shared burn-in (None: a root, or no shared burn-in)."""
+
+    quality: float
+    root: str | None = None
+
+
 def _trial(config: dict) -> None:
+    quality = config["job"].quality
+
     def stand_in_fit(callbacks: list) -> str:
         callbacks[0].after_report(None, [{"step": 1}], None)  # before any evaluation
         for step in EVAL_STEPS:
-            report = {EVAL_STEP: step, TEACHER_AP: config["quality"] * step}
+            report = {EVAL_STEP: step, TEACHER_AP: quality * step}
             callbacks[0].after_report(None, [report], None)  # as the Train controller does
             time.sleep(0.2)
-        if config["quality"] < 0:
+        if quality < 0:
             raise ValueError("a run that fails")
         return "fitted"
 
@@ -39,13 +51,13 @@ def _trial(config: dict) -> None:
         return report | {TRAINED_STEPS: report[EVAL_STEP]}
 
     assert fit_reporting_to_tune(stand_in_fit, from_first_evaluation)
-    tune.report({TEACHER_AP: config["quality"] * EVAL_STEPS[-1], "final": 1.0})  # as run_trial
+    tune.report({TEACHER_AP: quality * EVAL_STEPS[-1], "final": 1.0})  # as run_trial
 
 
-def _tune(tmp_path, qualities, scheduler=None):
+def _tune(tmp_path, jobs: list[_Job], scheduler=None):
     tuner = tune.Tuner(
         _trial,
-        param_space={"quality": tune.grid_search(qualities)},
+        param_space={"job": tune.grid_search(jobs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=1, scheduler=scheduler),
         run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
     )
@@ -53,8 +65,8 @@ def _tune(tmp_path, qualities, scheduler=None):
 
 
 def test_every_report_reaches_tune_in_order_and_errors_surface(ray_cluster, tmp_path):
-    grid = _tune(tmp_path, [1.0, -1.0])
-    good, bad = sorted(grid, key=lambda result: -result.config["quality"])
+    grid = _tune(tmp_path, [_Job(1.0), _Job(-1.0)])
+    good, bad = sorted(grid, key=lambda result: -result.config["job"].quality)
     history = good.metrics_dataframe
     assert list(history[EVAL_STEP].dropna().astype(int)) == list(EVAL_STEPS)
     assert good.metrics["final"] == 1.0
@@ -65,10 +77,26 @@ def test_every_report_reaches_tune_in_order_and_errors_surface(ray_cluster, tmp_
 def test_asha_stops_the_trials_that_trail_their_rung(ray_cluster, tmp_path):
     settings = SweepSettings(preset="smoke", early_stopping=EarlyStopping(grace_steps=2))
     # one trial at a time, best first: each later one trails the rung's record at step 2
-    grid = _tune(tmp_path, [4.0, 3.0, 2.0, 1.0], asha_scheduler(settings))
-    by_quality = {result.config["quality"]: result for result in grid}
+    grid = _tune(tmp_path, [_Job(q) for q in (4.0, 3.0, 2.0, 1.0)], asha_scheduler(settings))
+    by_quality = {result.config["job"].quality: result for result in grid}
     assert by_quality[4.0].metrics.get("final") == 1.0
     for quality in (3.0, 2.0, 1.0):
         stopped = by_quality[quality]
         assert stopped.error is None and "final" not in stopped.metrics
         assert stopped.metrics[TRAINED_STEPS] == 2
+
+
+def test_under_a_shared_burn_in_asha_ranks_the_branches_only(ray_cluster, tmp_path):
+    """The supervised roots share the branches' Tune experiment: a root that trails every
+    rung still trains to its end, while a branch that trails is stopped."""
+    settings = SweepSettings(
+        preset="smoke", early_stopping=EarlyStopping(grace_steps=2), shared_burn_in=True
+    )
+    jobs = [_Job(4.0, root="r-a"), _Job(1.0), _Job(3.0, root="r-b")]
+    grid = _tune(tmp_path, jobs, asha_scheduler(settings))
+    by_quality = {result.config["job"].quality: result for result in grid}
+    assert by_quality[4.0].metrics.get("final") == 1.0
+    assert by_quality[1.0].metrics.get("final") == 1.0  # the root, unranked
+    stopped = by_quality[3.0]
+    assert stopped.error is None and "final" not in stopped.metrics
+    assert stopped.metrics[TRAINED_STEPS] == 2

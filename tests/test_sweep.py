@@ -108,10 +108,15 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
     one parent and two children, all FINISHED, and the table both rows. (The rerun uses
     the tests' own cluster: the command's own start-up is the first run's.)"""
     first, started, _ = _sweep_signalled_at(
-        tmp_path, "[start] 10% fold 1 soft_teacher", signal.SIGKILL, "--shared-burn-in"
+        tmp_path,
+        "[start] 10% fold 1 soft_teacher",
+        signal.SIGKILL,
+        "--shared-burn-in",
+        "--num-cpus",
+        "2",  # one trial at a time: the Soft Teacher trial starts after the supervised one
     )
     assert "Ray dashboard: http://127.0.0.1:" in first
-    assert "shared burn-in: 1 run(s) first, then 1 semi-supervised run(s)" in first
+    assert "shared burn-in: 1 supervised run(s), and 1 semi-supervised run(s)" in first
     assert first.count("[done]") == 1 and "[done]  10% fold 1 supervised" in first
     assert started
 
@@ -190,19 +195,24 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
 
 
 def test_ctrl_c_ends_the_sweep_and_its_runs_killed_with_one_message(tmp_path):
-    """Ctrl-C mid-trial: exit 130 with one message saying how to resume, the sweep's MLflow
-    run and the trial's KILLED (Tune's own handler ended the sweep as if done instead, the
-    interrupted trial tagged as stopped early by a scheduler it did not have)."""
+    """A shared burn-in's two trials started side by side, the Soft Teacher one waiting for
+    the supervised one's branch point, then training; Ctrl-C: exit 130 with one message
+    saying how to resume, the sweep's MLflow run and both trials' KILLED (Tune's own handler
+    ended the sweep as if done instead, the interrupted trials tagged as stopped early by a
+    scheduler they did not have)."""
     printed, _, code = _sweep_signalled_at(
-        tmp_path, "[eval]", signal.SIGINT, "--method", "supervised", "--max-steps", "60"
+        tmp_path, "[eval]  10% fold 1 soft_teacher", signal.SIGINT, "--shared-burn-in",
+        "--max-steps", "60",
     )
+    assert "[done]" not in printed  # both trials were training, in one Tune experiment
+    assert printed.count("[start]") == 2
     assert code == 130, printed[-3000:]
     last = printed.strip().splitlines()[-1]
     assert "interrupted" in last and "Rerun the same command to resume" in last, printed[-3000:]
     assert "Traceback" not in printed and "_table" not in printed  # no table of a part
     client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("fold_sweep").experiment_id])
-    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"KILLED"}
     assert not any("stopped_early" in r.data.tags for r in runs)
 
 

@@ -337,6 +337,16 @@ def finish_running_children(parent: RunRef, status: str) -> list[str]:
     return [run.info.run_name for run in running]
 
 
+def ended_since(run: RunRef, since_ms: int) -> str | None:
+    """The run's status if it ended (FINISHED, FAILED, KILLED) at ``since_ms`` (epoch
+    milliseconds) or later, else None: a run still going, or one that ended before."""
+    info = with_lock_retry(mlflow_client(run.tracking_uri).get_run, run.run_id).info
+    status = info.status if isinstance(info.status, str) else RunStatus.to_string(info.status)
+    if status in ("FINISHED", "FAILED", "KILLED") and (info.end_time or 0) >= since_ms:
+        return status
+    return None
+
+
 def run_status(run: RunRef) -> str:
     """RUNNING, FINISHED, FAILED, KILLED or SCHEDULED."""
     client = mlflow_client(run.tracking_uri)

@@ -110,11 +110,22 @@ def checkpoint_step(directory: Path) -> int:
     return int(read_checkpoint(_existing(directory, "checkpoint"))["step"])
 
 
+def branch_point_dir(run_dir: Path) -> Path:
+    """Where a run keeps its end-of-burn-in checkpoint, whether or not it has saved it yet."""
+    return Path(run_dir) / BRANCH_POINT_DIR
+
+
+def has_branch_point(run_dir: Path, step: int) -> bool:
+    """Whether the run has saved its end-of-burn-in checkpoint (of ``step``) yet."""
+    directory = branch_point_dir(run_dir)
+    return has_checkpoint(directory) and checkpoint_step(directory) == step
+
+
 def branch_point(run_dir: Path, step: int) -> Path:
     """The end-of-burn-in checkpoint a run keeps beside Ray's rolling ones (which Ray
     deletes past ``train.keep_checkpoints``): ``run_dir/branch_point``, saved at ``step``."""
-    directory = Path(run_dir) / BRANCH_POINT_DIR
-    if has_checkpoint(directory) and checkpoint_step(directory) == step:
+    directory = branch_point_dir(run_dir)
+    if has_branch_point(run_dir, step):
         return directory
     raise FileNotFoundError(
         f"no checkpoint of step {step} in {directory}; a run saves one at the end of "

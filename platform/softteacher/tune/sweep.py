@@ -21,7 +21,8 @@ from pathlib import Path
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from softteacher.config import ExperimentConfig
 from softteacher.data.ray_stream import DATA_ACTOR_CPUS
@@ -47,7 +48,7 @@ from softteacher.track.tables import (
     summarize,
     write_tables,
 )
-from softteacher.train.checkpoint import branch_point
+from softteacher.train.checkpoint import branch_point_dir
 from softteacher.tune.grid import (
     PROJECT_ROOT,
     SweepSettings,
@@ -189,40 +190,48 @@ def _run_trials(
     base: ExperimentConfig,
     printer: TrialEventPrinter,
 ) -> SweepResult:
-    if not settings.shared_burn_in:
-        return _run_grid(settings, specs, prepared, parent, printer, name=settings.name)
-    roots, branches = split_shared_burn_in(specs, base)
-    burn_in = base.method.burn_in_steps
-    print(
-        f"shared burn-in: {len(roots)} run(s) first, then {len(branches)} semi-supervised "
-        f"run(s) branch off their supervised run's step-{burn_in} checkpoint"
-    )
-    # the supervised roots run unscheduled: early stopping ranks the branches only
-    first = _run_grid(
-        settings, roots, prepared, parent, printer, name=f"{settings.name}-roots", schedule=False
-    )
-    points = _branch_points(settings, branches, roots, burn_in, first.finished)
-    waiting = [s.name for s in branches if s not in {spec for spec, _ in points}]
-    branched = [dataclasses.replace(spec, branch_from=str(path)) for spec, path in points]
-    more = _run_grid(settings, branched, prepared, parent, printer, name=settings.name)
-    return SweepResult(
-        first.finished + more.finished, first.failed + waiting + more.failed, more.stopped
-    )
+    """One Tune experiment over the sweep's trials. Under a shared burn-in the supervised
+    roots come first in it and each semi-supervised branch after them, set to start from its
+    root's end-of-burn-in checkpoint: a branch then takes the core a root leaves, and the
+    last root does not train alone (15 of them, two at a time, left a core idle for a whole
+    root when the branches waited for every root to finish)."""
+    jobs = [trial_job(settings, spec, prepared, parent) for spec in specs]
+    if settings.shared_burn_in:
+        roots, branches = split_shared_burn_in(specs, base)
+        burn_in = base.method.burn_in_steps
+        print(
+            f"shared burn-in: {len(roots)} supervised run(s), and {len(branches)} "
+            f"semi-supervised run(s) that branch off their step-{burn_in} checkpoint and "
+            "start once it is saved"
+        )
+        supervised = {root_key(s): s for s in roots if s.method == "supervised"}
+        jobs = [trial_job(settings, spec, prepared, parent) for spec in roots]
+        jobs += [
+            _branch_job(settings, spec, supervised[root_key(spec)], prepared, parent)
+            for spec in branches
+        ]
+    return _run_grid(settings, jobs, printer, name=settings.name)
+
+
+def _branch_job(
+    settings: SweepSettings,
+    branch: TrialSpec,
+    root: TrialSpec,
+    prepared: dict[str, PreparedFold],
+    parent: RunRef,
+) -> TrialJob:
+    """The branch's trial, set to start from its supervised trial's branch point."""
+    root_run = settings.train_storage / settings.run_name(root)
+    branched = dataclasses.replace(branch, branch_from=str(branch_point_dir(root_run)))
+    return dataclasses.replace(trial_job(settings, branched, prepared, parent), root=root.name)
 
 
 def _run_grid(
-    settings: SweepSettings,
-    specs: list[TrialSpec],
-    prepared: dict[str, PreparedFold],
-    parent: RunRef,
-    printer: TrialEventPrinter,
-    *,
-    name: str,
-    schedule: bool = True,
+    settings: SweepSettings, jobs: list[TrialJob], printer: TrialEventPrinter, *, name: str
 ) -> SweepResult:
-    """One Tune experiment over ``specs`` (resumed when ``name`` ran before), under the
-    settings' early stopping where ``schedule``."""
-    if not specs:
+    """One Tune experiment over ``jobs`` (resumed when ``name`` ran before), under the
+    settings' early stopping, which ranks a shared burn-in's branches only."""
+    if not jobs:
         return SweepResult([], [])
     trainable = tune.with_resources(run_trial, trial_resources(settings.resources))
     storage = Path(settings.results_dir) / "ray"
@@ -233,13 +242,12 @@ def _run_grid(
             str(experiment_path), trainable, resume_unfinished=True, resume_errored=True
         )
     else:
-        jobs = [trial_job(settings, spec, prepared, parent) for spec in specs]
         tuner = tune.Tuner(
             trainable,
             param_space={"job": tune.grid_search(jobs)},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=max_concurrent_trials(settings.resources),
-                scheduler=asha_scheduler(settings) if schedule else None,
+                scheduler=asha_scheduler(settings),
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -249,7 +257,7 @@ def _run_grid(
             ),
         )
     grid = tuner.fit()
-    scheduled = schedule and settings.early_stopping is not None
+    scheduled = settings.early_stopping is not None
     finished, failed, stopped = [], [], []
     for result in grid:
         job: TrialJob = result.config["job"]
@@ -257,7 +265,12 @@ def _run_grid(
         final = {k: float(metrics[k]) for k in FINAL_METRICS if k in metrics}
         if result.error is None and "final" in metrics:
             finished.append(FinishedTrial(job.point, final))
-        elif scheduled and result.error is None and TRAINED_STEPS in metrics:
+        elif (
+            scheduled
+            and is_ranked(job, settings)
+            and result.error is None
+            and (TRAINED_STEPS in metrics)
+        ):
             # ended without an error and without its final report: the scheduler stopped it
             trial = StoppedTrial(job.point, int(metrics[TRAINED_STEPS]), final)
             mark_stopped(job, trial)
@@ -273,7 +286,8 @@ def asha_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
     if stopping is None:
         return None
     base = settings.base_config()
-    return ASHAScheduler(
+    return SweepASHA(
+        branches_only=settings.shared_burn_in,
         time_attr=TRAINED_STEPS,
         metric=TEACHER_AP,
         mode="max",
@@ -282,6 +296,40 @@ def asha_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
         reduction_factor=stopping.reduction_factor,
         stop_last_trials=False,  # a trial at its last evaluation goes on to its final report
     )
+
+
+def is_ranked(job: TrialJob, settings: SweepSettings) -> bool:
+    """Whether early stopping ranks the trial: under a shared burn-in the branches only,
+    since their supervised roots, in the same experiment, are what they branch off."""
+    return not settings.shared_burn_in or job.root is not None
+
+
+class SweepASHA(ASHAScheduler):
+    """ASHA that lets a shared burn-in's supervised roots run to their end unranked."""
+
+    def __init__(self, *, branches_only: bool, **asha: object) -> None:
+        super().__init__(**asha)
+        self._branches_only = branches_only
+
+    def _unranked(self, trial: Trial) -> bool:
+        return self._branches_only and trial.config["job"].root is None
+
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        if not self._unranked(trial):
+            super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        if self._unranked(trial):
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
+        if not self._unranked(trial):
+            super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial: Trial) -> None:
+        if not self._unranked(trial):
+            super().on_trial_remove(tune_controller, trial)
 
 
 def mark_stopped(job: TrialJob, trial: StoppedTrial) -> None:
@@ -312,28 +360,6 @@ def trial_job(
         resources=settings.resources,
     )
     return TrialJob(point, spec, parent, settings.preset, settings.data_dir, fold.splits)
-
-
-def _branch_points(
-    settings: SweepSettings,
-    branches: list[TrialSpec],
-    roots: list[TrialSpec],
-    burn_in: int,
-    finished: list[FinishedTrial],
-) -> list[tuple[TrialSpec, Path]]:
-    """Each branch with its supervised trial's end-of-burn-in checkpoint; a branch whose
-    supervised trial did not finish is left out (with a message) until a rerun."""
-    done = {root_key(t.spec) for t in finished if t.spec.method == "supervised"}
-    supervised = {root_key(s): s for s in roots if s.method == "supervised"}
-    points = []
-    for spec in branches:
-        key = root_key(spec)
-        if key not in done:
-            print(f"{spec.name}: waits for its supervised trial, which did not finish")
-            continue
-        run_dir = settings.train_storage / settings.run_name(supervised[key])
-        points.append((spec, branch_point(run_dir, burn_in)))
-    return points
 
 
 def trial_resources(resources: WorkerResources) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from softteacher.run.spec import RunSpec
 from softteacher.track.datasets import DataSplit, log_data_inputs
 from softteacher.track.mlflow_runs import (
     RunRef,
+    ended_since,
+    find_child_run,
     find_or_start_child_run,
     finish_run,
     git_commit,
@@ -28,6 +31,7 @@ from softteacher.track.mlflow_runs import (
     system_metrics,
 )
 from softteacher.track.models import log_logged_model
+from softteacher.train.checkpoint import has_branch_point
 from softteacher.tune.grid import PROJECT_ROOT, TrialSpec
 from softteacher.tune.relay import fit_reporting_to_tune
 
@@ -42,6 +46,12 @@ class TrialJob:
     preset: str
     work_dir: str  # multi-stage's pseudo-label files and merged shards
     data_splits: tuple[DataSplit, ...] = ()  # logged to the trial's MLflow run
+    # a shared burn-in's branch: the trial (grid point name) whose branch point it waits for
+    root: str | None = None
+
+
+class BranchPointError(RuntimeError):
+    """A branch whose supervised trial ended without the checkpoint it branches off."""
 
 
 def run_trial(config: dict) -> None:
@@ -70,6 +80,11 @@ def run_trial(config: dict) -> None:
         return
     spec = dataclasses.replace(spec, tracking=child)
     try:
+        if job.root is not None:
+            branch_from = Path(spec.config.train.branch_from)
+            wait_for_branch_point(
+                job.parent, job.root, branch_from.parent, spec.config.method.burn_in_steps
+            )
         with system_metrics(child):
             final, summary = _fit_trial(job, spec)
     except BaseException as error:
@@ -86,6 +101,28 @@ def run_trial(config: dict) -> None:
     log_json_artifact(child, "summary.json", summary)
     finish_run(child)
     tune.report(final.metrics | {"final": 1.0})
+
+
+def wait_for_branch_point(
+    parent: RunRef, root: str, run_dir: Path, step: int, poll_s: float = 5.0
+) -> None:
+    """Wait until the supervised trial ``root`` (a child run of ``parent``, training in
+    ``run_dir``) has saved its step-``step`` branch point; fail once its run ends without.
+
+    A branch shares its Tune experiment with the supervised trials, so that no core idles
+    while the last of them trains, and can therefore start before its own supervised trial
+    has passed the burn-in. A run that ended before the wait began is a previous sweep's,
+    which this one is training again, so it does not count."""
+    waiting_since_ms = int(time.time() * 1000)
+    while not has_branch_point(run_dir, step):
+        root_run = find_child_run(parent, root)
+        status = ended_since(root_run, waiting_since_ms) if root_run is not None else None
+        if status is not None and not has_branch_point(run_dir, step):
+            raise BranchPointError(
+                f"branches off {root} at step {step}, whose run ended {status} without "
+                f"that checkpoint (in {run_dir}); rerun the same command to train both"
+            )
+        time.sleep(poll_s)
 
 
 def log_final_teacher(child: RunRef, job: TrialJob, spec: RunSpec, final: RunResult) -> str:
