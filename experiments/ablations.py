@@ -26,7 +26,7 @@ from softteacher.tune.cluster import (
     default_preset_and_resources,
     start_or_join,
 )
-from softteacher.tune.options import shared_options
+from softteacher.tune.options import seeds_of, shared_options
 from softteacher.tune.sweep import exit_on_interrupt
 
 
@@ -62,13 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an end-of-burn-in checkpoint folder of a supervised run of this preset, ratio "
         "and fold (a fold sweep's): every row but multi-stage branches off it",
     )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="every row's seed (default: the preset's, 0); the tables and sweep names carry "
-        "it, so runs of two seeds sit side by side",
-    )
     return parser.parse_args(argv)
 
 
@@ -93,7 +86,7 @@ def settings_from_args(args: argparse.Namespace) -> AblationSettings:
         overrides=tuple(args.overrides),
         shared_burn_in=args.shared_burn_in,
         branch_from=str(args.branch_from.resolve()) if args.branch_from else None,
-        seed=args.seed,
+        seeds=seeds_of(args),
     )
 
 

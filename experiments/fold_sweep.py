@@ -27,7 +27,7 @@ from softteacher.tune.cluster import (
     start_or_join,
 )
 from softteacher.tune.grid import EarlyStopping, SweepSettings
-from softteacher.tune.options import shared_options
+from softteacher.tune.options import seeds_of, shared_options
 from softteacher.tune.sweep import exit_on_interrupt, run_sweep
 
 
@@ -94,17 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--reduction-factor", type=int, default=2, help="ASHA keeps 1/N of a rung's trials"
     )
-    seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument(
-        "--seed", type=int, default=None, help="the runs' seed (default: the preset's, 0)"
-    )
-    seeds.add_argument(
-        "--seeds",
-        type=_ints,
-        default=None,
-        help="replicates: every trial once a seed, e.g. 1,2,3; the table then gives the std "
-        "over seeds alone (the noise floor) beside the std over folds and seeds",
-    )
     parser.add_argument("--experiment", default="fold_sweep", help="MLflow experiment name")
     parser.add_argument(
         "--name", default=None, help="sweep name (default: derived from the settings)"
@@ -138,7 +127,7 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         resources=resources,
         max_steps=args.max_steps,
         ckpt_every=args.ckpt_every,
-        seeds=args.seeds or ((args.seed,) if args.seed is not None else None),
+        seeds=seeds_of(args),
         overrides=overrides,
         experiment_name=args.experiment,
         sweep_name=args.name,

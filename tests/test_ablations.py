@@ -93,10 +93,11 @@ def test_sweep_names_change_with_what_changes_the_trials():
         AblationSettings(preset="cpu", fold=2).sweep_name(table),
         AblationSettings(preset="cpu").sweep_name(table.select(["5"]), partial=True),
         AblationSettings(preset="cpu", shared_burn_in=True).sweep_name(table),
-        AblationSettings(preset="cpu", seed=3).sweep_name(table),
+        AblationSettings(preset="cpu", seeds=(3,)).sweep_name(table),
+        AblationSettings(preset="cpu", seeds=(3, 4)).sweep_name(table),
     }
-    assert len(names) == 6
-    seeded = AblationSettings(preset="cpu", seed=3)
+    assert len(names) == 7
+    seeded = AblationSettings(preset="cpu", seeds=(3,))
     assert {spec.seed for spec in seeded.specs(table)} == {3}
     assert seeded.table_stem(table).endswith("_s3")
     assert AblationSettings(shared_burn_in=True).sweep_settings(table).shared_burn_in
@@ -154,10 +155,11 @@ def test_select_tables_filters_tables_and_rows_and_names_mistakes():
         select_tables("table10", "0.9")
 
 
-def _finished(settings, table, values) -> list[FinishedTrial]:
-    """Hand-made trial results: ``values[i]`` is row i's teacher mAP, None for no result."""
+def _finished(settings, table, values, specs=None) -> list[FinishedTrial]:
+    """Hand-made trial results: ``values[i]`` is trial i's teacher mAP (one trial a row
+    unless ``specs`` says otherwise), None for no result."""
     trials = []
-    for spec, value in zip(settings.specs(table), values):
+    for spec, value in zip(specs or settings.specs(table), values, strict=True):
         if value is not None:
             metrics = {
                 "teacher/AP": value,
@@ -204,6 +206,34 @@ def test_table_prints_ours_beside_the_papers_and_marks_missing_rows(tmp_path):
     markdown = paths["md"].read_text()
     assert markdown == format_ablation_markdown(table, rows, settings)
     assert "| BG-T | 6.0 | 26.0 | - | 33.6 | 52.9 | 36.6 |" in markdown
+
+
+def test_seeds_replicate_every_row_and_the_table_reads_them_against_the_noise(tmp_path):
+    settings = AblationSettings(preset="smoke", seeds=(0, 1, 2))
+    table = TABLES["table10"]  # jitter counts 5, 10, 15
+    specs = settings.specs(table)
+    assert [(s.n_jitter, s.seed) for s in specs[:4]] == [(5, 0), (5, 1), (5, 2), (10, 0)]
+    values = [10.0, 11.0, 12.0, 13.0, 15.0, 17.0, 20.0, None, 21.0]
+    rows = collect_rows(table, specs, _finished(settings, table, values, specs))
+    assert [r.mean("teacher/AP") for r in rows] == [11.0, 15.0, 20.5]
+    assert [r.std("teacher/AP") for r in rows] == [1.0, 2.0, pytest.approx(0.7071, abs=1e-4)]
+    assert [r.finished for r in rows] == [True, True, False]
+
+    text = format_ablation_table(table, rows, settings)
+    lines = text.splitlines()
+    assert "mean +- std over seeds 0,1,2" in lines[0]
+    assert lines[3].split()[:4] == ["5", "11.0", "+-", "1.0"]
+    # pooled std sqrt((1 + 4 + 0.5) / 3) = 1.35: rows closer than 2.7 do not differ
+    assert lines[-1] == (
+        "run-to-run noise (std over seeds, pooled over 3 rows): 1.4 mAP; rows whose means "
+        "differ by less than 2.7 do not differ"
+    )
+    paths = write_ablation_table(table, rows, tmp_path, "ablations_table10_smoke", settings)
+    with paths["csv"].open() as handle:
+        records = list(csv.DictReader(handle))
+    assert records[2]["seeds"] == "0;1;2" and records[2]["finished"] == "2"
+    assert float(records[1]["mAP"]) == 15.0 and float(records[1]["mAP_std"]) == 2.0
+    assert "run-to-run noise" in paths["md"].read_text()
 
 
 def test_sweep_table_keeps_indicator_and_jitter_rows_apart():

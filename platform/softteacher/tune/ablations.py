@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import io
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from softteacher.config import ExperimentConfig
 from softteacher.files import write_atomically
-from softteacher.names import model_metric
+from softteacher.names import TEACHER_AP, model_metric
 from softteacher.run.spec import WorkerResources
 from softteacher.track.mlflow_runs import (
     default_tracking_uri,
@@ -69,7 +70,7 @@ class AblationSettings:
     # an existing end-of-burn-in checkpoint of this preset, ratio and fold: every row but
     # multi-stage (whose first stage is a whole supervised run) branches off it
     branch_from: str | None = None
-    seed: int | None = None  # None: the preset's
+    seeds: tuple[int, ...] | None = None  # every row once a seed (None: the preset's seed)
 
     def __post_init__(self) -> None:
         if self.shared_burn_in and self.branch_from:
@@ -98,8 +99,8 @@ class AblationSettings:
             parts.append("shared")
         if self.branch_from:
             parts.append("branch-" + hashlib.sha256(self.branch_from.encode()).hexdigest()[:8])
-        if self.seed is not None:
-            parts.append(f"s{self.seed}")
+        if self.seeds is not None:
+            parts.append("s" + "-".join(str(seed) for seed in self.seeds))
         return parts
 
     def sweep_name(self, table: AblationTable, *, partial: bool = False) -> str:
@@ -136,10 +137,12 @@ class AblationSettings:
         )
 
     def specs(self, table: AblationTable) -> list[TrialSpec]:
+        """Each row's trials, one a seed, row after row."""
         defaults = self.base_config().method
         specs = [
-            dataclasses.replace(row.spec(self.ratio, self.fold, defaults), seed=self.seed)
+            dataclasses.replace(row.spec(self.ratio, self.fold, defaults), seed=seed)
             for row in table.rows
+            for seed in self.seeds or (None,)
         ]
         if not self.branch_from:
             return specs
@@ -167,11 +170,30 @@ class AblationSettings:
 
 @dataclass(frozen=True)
 class RowResult:
-    """A row's trial and its final metrics (None when the trial did not finish)."""
+    """A row's trials, one a seed, with each one's final metrics (None: did not finish)."""
 
     row: AblationRow
-    spec: TrialSpec
-    metrics: dict[str, float] | None
+    specs: tuple[TrialSpec, ...]
+    metrics: tuple[dict[str, float] | None, ...]
+
+    @property
+    def finished(self) -> bool:
+        return all(m is not None for m in self.metrics)
+
+    def values(self, metric: str) -> list[float]:
+        """The metric's finite values over the seeds that finished (pycocotools leaves an AP
+        undefined, NaN, when the val set has no object of its size)."""
+        found = [m[metric] for m in self.metrics if m is not None and metric in m]
+        return [float(v) for v in found if math.isfinite(float(v))]
+
+    def mean(self, metric: str) -> float | None:
+        values = self.values(metric)
+        return statistics.fmean(values) if values else None
+
+    def std(self, metric: str) -> float | None:
+        """The sample std over seeds: the run-to-run noise of this row (None: < 2 seeds)."""
+        values = self.values(metric)
+        return statistics.stdev(values) if len(values) > 1 else None
 
 
 @dataclass(frozen=True)
@@ -183,7 +205,7 @@ class AblationResult:
 
     @property
     def complete(self) -> bool:
-        return all(r.metrics is not None for r in self.rows)
+        return all(r.finished for r in self.rows)
 
 
 def select_tables(only: str | None = None, rows: str | None = None) -> list[AblationTable]:
@@ -240,11 +262,17 @@ def run_ablation_table(settings: AblationSettings, table: AblationTable) -> Abla
 def collect_rows(
     table: AblationTable, specs: Sequence[TrialSpec], finished: Sequence[FinishedTrial]
 ) -> list[RowResult]:
-    """Each row with its trial's metrics; ``specs`` line up with ``table.rows``."""
+    """Each row with its trials' metrics; ``specs`` are ``table.rows``' trials, row after
+    row, as many a row (one a seed) as ``AblationSettings.specs`` makes."""
+    per_row, rest = divmod(len(specs), len(table.rows))
+    if rest or not per_row:
+        raise ValueError(f"{len(specs)} trials do not divide among {len(table.rows)} rows")
     by_spec = {trial.spec: trial.metrics for trial in finished}
-    return [
-        RowResult(row, spec, by_spec.get(spec)) for row, spec in zip(table.rows, specs, strict=True)
-    ]
+    rows = []
+    for index, row in enumerate(table.rows):
+        trials = tuple(specs[index * per_row : (index + 1) * per_row])
+        rows.append(RowResult(row, trials, tuple(by_spec.get(spec) for spec in trials)))
+    return rows
 
 
 def format_ablation_table(
@@ -255,7 +283,8 @@ def format_ablation_table(
 ) -> str:
     """Aligned text as the paper prints it (one decimal), ours then the paper's figures."""
     body = plain_table(_header(table), [_cells(r) for r in rows])
-    return f"{_title(table, settings, wall_s)}\n{body}"
+    note = noise_note(rows)
+    return f"{_title(table, settings, wall_s)}\n{body}" + (f"\n{note}" if note else "")
 
 
 def format_ablation_markdown(
@@ -265,14 +294,17 @@ def format_ablation_markdown(
     wall_s: float | None = None,
 ) -> str:
     body = markdown_table(_header(table), [_cells(r) for r in rows])
-    return f"**{_title(table, settings, wall_s)}**\n\n{body}"
+    note = noise_note(rows)
+    return f"**{_title(table, settings, wall_s)}**\n\n{body}" + (f"\n\n{note}\n" if note else "")
 
 
 def ablation_csv(table: AblationTable, rows: Sequence[RowResult]) -> str:
-    """Machine-readable: full-precision numbers, empty where a trial did not finish; ``row``
-    is the ablated value (a method, an indicator, a threshold), ``label`` the paper's name."""
-    fields = ["table", "row", "label", "method", "trial"]
-    fields += [name for name, _ in METRIC_COLUMNS] + [f"paper_{n}" for n, _ in METRIC_COLUMNS]
+    """Machine-readable: full-precision numbers, empty where no trial of the row finished;
+    ``row`` is the ablated value (a method, an indicator, a threshold), ``label`` the paper's
+    name; with several seeds a metric is the mean over them and ``<metric>_std`` their std."""
+    fields = ["table", "row", "label", "method", "trial", "seeds", "finished"]
+    fields += [name for name, _ in METRIC_COLUMNS] + [f"{n}_std" for n, _ in METRIC_COLUMNS]
+    fields += [f"paper_{n}" for n, _ in METRIC_COLUMNS]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -282,10 +314,13 @@ def ablation_csv(table: AblationTable, rows: Sequence[RowResult]) -> str:
             "row": result.row.key,
             "label": result.row.label,
             "method": result.row.method,
-            "trial": result.spec.name,
+            "trial": ";".join(spec.name for spec in result.specs),
+            "seeds": ";".join("" if s.seed is None else str(s.seed) for s in result.specs),
+            "finished": sum(m is not None for m in result.metrics),
         }
         for name, metric in METRIC_COLUMNS:
-            record[name] = _ours(result, metric)
+            record[name] = result.mean(metric)
+            record[f"{name}_std"] = result.std(metric)
             record[f"paper_{name}"] = result.row.paper.value(name)
         writer.writerow({k: "" if v is None else v for k, v in record.items()})
     return buffer.getvalue()
@@ -330,9 +365,25 @@ def _title(table: AblationTable, settings: AblationSettings | None, wall_s: floa
     title = table.caption
     if settings is not None:
         title += f" -- {settings.preset} preset, {settings.ratio:g}% labeled, fold {settings.fold}"
+        if settings.seeds is not None and len(settings.seeds) > 1:
+            title += f", mean +- std over seeds {','.join(map(str, settings.seeds))}"
     if wall_s is not None:
         title += f", {wall_s / 60:.1f} min"
     return title + " (ours: teacher; paper: COCO val2017, 10%, fold 1)"
+
+
+def noise_note(rows: Sequence[RowResult], metric: str = TEACHER_AP) -> str | None:
+    """How to read the rows against each other: the std over seeds pooled over rows (the
+    run-to-run noise); a difference between two rows' means under twice it is no
+    difference. None with fewer than two seeds a row."""
+    variances = [std**2 for r in rows if (std := r.std(metric)) is not None]
+    if not variances:
+        return None
+    noise = math.sqrt(statistics.fmean(variances))
+    return (
+        f"run-to-run noise (std over seeds, pooled over {len(variances)} rows): "
+        f"{noise:.1f} mAP; rows whose means differ by less than {2 * noise:.1f} do not differ"
+    )
 
 
 def _header(table: AblationTable) -> list[str]:
@@ -341,16 +392,15 @@ def _header(table: AblationTable) -> list[str]:
 
 
 def _cells(result: RowResult) -> list[str]:
-    ours = [_ours(result, metric) for _, metric in METRIC_COLUMNS]
     cells = [result.row.label]
-    cells += ["-" if value is None else f"{value:.1f}" for value in ours]
+    cells += [_mean_std(result, metric) for _, metric in METRIC_COLUMNS]
     cells += [f"{result.row.paper.value(name):.1f}" for name, _ in METRIC_COLUMNS]
     return cells
 
 
-def _ours(result: RowResult, metric: str) -> float | None:
-    """Our value, None when the trial did not finish or pycocotools left it undefined."""
-    if result.metrics is None or metric not in result.metrics:
-        return None
-    value = float(result.metrics[metric])
-    return value if math.isfinite(value) else None
+def _mean_std(result: RowResult, metric: str) -> str:
+    """``12.3``, ``12.3 +- 0.4`` over several seeds, ``-`` when no seed has a value."""
+    mean, std = result.mean(metric), result.std(metric)
+    if mean is None:
+        return "-"
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} +- {std:.1f}"

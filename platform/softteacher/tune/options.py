@@ -17,6 +17,18 @@ class _AppendAmpOverride(argparse.Action):
         namespace.overrides = [*namespace.overrides, f"detector.amp={value}"]
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    seeds = tuple(int(v) for v in text.split(",") if v)
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text}: a seed given twice would count twice")
+    return seeds
+
+
+def seeds_of(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """``--seeds``, or ``--seed`` as one seed; None: the preset's seed."""
+    return args.seeds or ((args.seed,) if args.seed is not None else None)
+
+
 def shared_options() -> argparse.ArgumentParser:
     """A parent parser (``argparse.ArgumentParser(parents=[shared_options()])``)."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -58,6 +70,17 @@ def shared_options() -> argparse.ArgumentParser:
     )
     config.add_argument("--results-dir", type=Path, default=None)
     config.add_argument("--data-dir", type=Path, default=None)
+    seeds = config.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seed", type=int, default=None, help="the runs' seed (default: the preset's, 0)"
+    )
+    seeds.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        help="replicates: every trial once a seed, e.g. 1,2,3; the tables then give the std "
+        "over seeds (the run-to-run noise a difference must exceed)",
+    )
     workers = parser.add_argument_group("workers and cluster")
     workers.add_argument(
         "--workers",
