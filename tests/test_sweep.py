@@ -350,12 +350,18 @@ def test_both_sweep_commands_read_the_shared_options_alike(tmp_path):
     shared = [
         "--preset", "smoke", "--max-steps", "3", "--set", "method.unsup_weight=2",
         "--results-dir", str(tmp_path), "--workers", "0", "--max-failures", "1",
-        "--num-cpus", "4",
+        "--num-cpus", "4", "--seeds", "0,1,2",
     ]  # fmt: skip
     sweep, table = fold_sweep.parse_args(shared), ablations.parse_args(shared)
     for name in ("preset", "max_steps", "overrides", "results_dir", "workers", "max_failures",
-                 "num_cpus", "address", "dashboard_port", "coco_root", "data_dir"):  # fmt: skip
+                 "num_cpus", "address", "dashboard_port", "coco_root", "data_dir", "seeds",
+                 "seed"):  # fmt: skip
         assert getattr(sweep, name) == getattr(table, name), name
+    assert fold_sweep.settings_from_args(sweep).seeds == (0, 1, 2)
+    assert ablations.settings_from_args(table).seeds == (0, 1, 2)
+    assert ablations.settings_from_args(ablations.parse_args(["--seed", "3"])).seeds == (3,)
+    with pytest.raises(SystemExit):
+        fold_sweep.parse_args(["--seeds", "1,1"])  # a seed given twice would count twice
     assert sweep.overrides == ["method.unsup_weight=2"] and sweep.max_steps == 3
     amp = fold_sweep.parse_args(["--set", "train.seed=1", "--amp", "bf16"])
     assert amp.overrides == ["train.seed=1", "detector.amp=bf16"]  # --amp is an override
