@@ -193,6 +193,27 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
         rows = list(csv.DictReader(handle))
     assert {row["method"] for row in rows} == {"supervised", "soft_teacher_jitter"}
 
+    # a new MLflow store (MLFLOW_TRACKING_URI; a deleted one reads the same): the same command
+    # logs the finished trials into it from Ray's results
+    finals = {m: c.data.metrics["final/teacher/AP"] for m, c in children.items()}
+    (tmp_path / "new").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")
+    fold_sweep.main(_sweep_args(tmp_path, "--shared-burn-in"))
+    rebuilt_out = capsys.readouterr().out
+    assert rebuilt_out.count("finished in Ray's results, not in MLflow; logged again") == 2
+    assert rebuilt_out.count("[start]") == 0  # nothing trained again
+    client = MlflowClient(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fold_sweep")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    rebuilt = {r.data.params["method"]: r for r in runs if r is not parent}
+    assert len(runs) == 3 and parent.info.status == "FINISHED"
+    for method, child in rebuilt.items():
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and "rebuilt_from" in child.data.tags
+        assert child.data.metrics["final/teacher/AP"] == finals[method]
+        assert child.data.params["train.max_steps"] == str(preset("smoke").train.max_steps)
+
 
 def test_ctrl_c_ends_the_sweep_and_its_runs_killed_with_one_message(tmp_path):
     """A shared burn-in's two trials started side by side, the Soft Teacher one waiting for

@@ -37,6 +37,7 @@ from softteacher.track.mlflow_runs import (
     git_commit,
     log_json_artifact,
     resume_parent_run,
+    run_status,
     set_tags,
     start_parent_run,
     ui_hint,
@@ -59,7 +60,7 @@ from softteacher.tune.grid import (
 )
 from softteacher.tune.prepared import PreparedFold, fold_key, prepare_folds
 from softteacher.tune.progress import TrialEventPrinter
-from softteacher.tune.trial import TrialJob, run_trial
+from softteacher.tune.trial import TrialJob, rebuild_child_run, run_trial
 
 TUNE_DRIVER_CPUS = 0.01  # the trial function only waits on its TorchTrainer
 # the smallest Ray Data footprint of a trial: one actor in each of its two pools
@@ -210,7 +211,7 @@ def _run_trials(
             _branch_job(settings, spec, supervised[root_key(spec)], prepared, parent)
             for spec in branches
         ]
-    return _run_grid(settings, jobs, printer, name=settings.name)
+    return _run_grid(settings, jobs, parent, printer, name=settings.name)
 
 
 def _branch_job(
@@ -227,10 +228,17 @@ def _branch_job(
 
 
 def _run_grid(
-    settings: SweepSettings, jobs: list[TrialJob], printer: TrialEventPrinter, *, name: str
+    settings: SweepSettings,
+    jobs: list[TrialJob],
+    parent: RunRef,
+    printer: TrialEventPrinter,
+    *,
+    name: str,
 ) -> SweepResult:
     """One Tune experiment over ``jobs`` (resumed when ``name`` ran before), under the
-    settings' early stopping, which ranks a shared burn-in's branches only."""
+    settings' early stopping, which ranks a shared burn-in's branches only. A trial Ray
+    holds as finished whose MLflow run under ``parent`` is missing or unfinished is logged
+    again from Ray's result."""
     if not jobs:
         return SweepResult([], [])
     trainable = tune.with_resources(run_trial, trial_resources(settings.resources))
@@ -265,6 +273,13 @@ def _run_grid(
         final = {k: float(metrics[k]) for k in FINAL_METRICS if k in metrics}
         if result.error is None and "final" in metrics:
             finished.append(FinishedTrial(job.point, final))
+            # a restored experiment's jobs name the parent run they were made with, which a
+            # new or deleted MLflow store no longer holds
+            job = dataclasses.replace(job, parent=parent)
+            child = find_child_run(parent, job.point.name)
+            if child is None or run_status(child) != "FINISHED":
+                print(f"{job.point.name}: finished in Ray's results, not in MLflow; logged again")
+                rebuild_child_run(job, final, str(result.path))
         elif (
             scheduled
             and is_ranked(job, settings)

@@ -54,23 +54,39 @@ class BranchPointError(RuntimeError):
     """A branch whose supervised trial ended without the checkpoint it branches off."""
 
 
+def trial_params(job: TrialJob) -> dict[str, object]:
+    """The MLflow params of the trial's child run: its grid point and its whole config."""
+    return (
+        dataclasses.asdict(job.point)
+        | {
+            "preset": job.preset,
+            "seed": job.spec.config.train.seed,
+            "git_commit": git_commit(PROJECT_ROOT),
+        }
+        | job.spec.config.flat()
+    )
+
+
+def rebuild_child_run(job: TrialJob, final: dict[str, float], ray_result: str) -> None:
+    """A trial that Ray's storage holds as finished but whose MLflow run is missing or not
+    FINISHED (a new or deleted MLflow store, a run that lost its ending): its child run
+    made again from Ray's result, params and final metrics, tagged with where they came from
+    (the step curves stay in the store that was lost)."""
+    child = find_or_start_child_run(job.parent, job.point.name, params=trial_params(job))
+    if run_status(child) == "FINISHED":
+        return
+    set_tags(child, {"rebuilt_from": ray_result})
+    log_final_metrics(child, final)
+    finish_run(child)
+
+
 def run_trial(config: dict) -> None:
     """One Tune trial: a child MLflow run and its run (two runs for ``multi_stage``, with
     the offline pseudo-labeling between them). A trial that raises ends its child run
     FAILED with the reason as a tag, so no MLflow run is left RUNNING by an error."""
     job: TrialJob = config["job"]
     point, spec = job.point, job.spec
-    child = find_or_start_child_run(
-        job.parent,
-        point.name,
-        params=dataclasses.asdict(point)
-        | {
-            "preset": job.preset,
-            "seed": spec.config.train.seed,
-            "git_commit": git_commit(PROJECT_ROOT),
-        }
-        | spec.config.flat(),
-    )
+    child = find_or_start_child_run(job.parent, point.name, params=trial_params(job))
     # the image lists this trial reads (a supervised run reads no unlabeled image)
     log_data_inputs(
         child, [s for s in job.data_splits if s.context != "unlabeled" or spec.unlabeled]
