@@ -4,7 +4,10 @@ the number of actors; exact 1:4 steps for each of two workers; one-line failures
 from __future__ import annotations
 
 import dataclasses
+import signal
+import time
 
+import psutil
 import pyarrow as pa
 import pytest
 import ray
@@ -43,6 +46,41 @@ def test_ray_rows_are_the_in_process_rows_for_any_number_of_actors(
     got = [stream.take(k) for k in (1, 7, 4, n - 12)]
     assert stream.position == n
     assert pa.concat_tables(got).equals(local)
+
+
+def test_a_data_actor_killed_mid_stream_is_replaced_and_the_rows_stay_the_same(
+    ray_cluster, smoke_fold
+):
+    """SIGKILL of the stream's one Data actor while it has work left: Ray Data restarts the
+    actor and retries its task, and the rows are still the in-process rows, in order (a row
+    depends on its position only, never on the actor that made it)."""
+    shards = smoke_fold.unlabeled
+    plan = _plan(shards, "unlabeled")
+    n = 10 * shards.num_rows  # seconds of work: the actor is still busy when it is killed
+    local = LocalRowStream(shards, plan, AUGMENT).take(n)
+    stream = RayRowStream(
+        shards, plan, AUGMENT, stop=n, concurrency=(1, 1), window_rows=n, segment_rows=3
+    )
+    first = stream.take(7)
+    (actor,) = _data_actors()
+    actor.send_signal(signal.SIGKILL)
+    after = stream.take(7)
+    deadline = time.monotonic() + 60
+    while not (replaced := [a for a in _data_actors() if a.pid != actor.pid]):
+        assert time.monotonic() < deadline, "no Data actor replaced the killed one"
+        time.sleep(0.5)
+    rest = stream.take(n - 14)
+    assert pa.concat_tables([first, after, rest]).equals(local)
+    assert replaced
+
+
+def _data_actors() -> list[psutil.Process]:
+    """The Data actors of this test process's cluster (its raylet is a child of ours)."""
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.name().startswith("ray::MapWorker") and p.status() != psutil.STATUS_ZOMBIE
+    ]
 
 
 def test_a_stream_started_at_a_position_continues_the_same_rows(ray_cluster, smoke_fold):
