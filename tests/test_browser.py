@@ -223,3 +223,36 @@ def test_a_trial_run_shows_its_overlay_pngs_in_artifacts(submitted_sweep, mlflow
     sync_api.expect(image).to_be_visible(timeout=30_000)
     assert image.evaluate("element => element.naturalWidth") >= 100
     page.close()
+
+
+def test_the_sweep_run_shows_compare_plots_in_artifacts(
+    submitted_sweep, mlflow_ui, browser, tmp_path
+):
+    """``compare.py --plot`` on the sweep's store, as the README runs it: its PNGs in the
+    sweep's parent run, under plots/ of the Artifacts tab."""
+    store = f"sqlite:///{submitted_sweep.results_dir / 'mlflow.db'}"
+    compared = subprocess.run(
+        [
+            sys.executable, str(ROOT / "experiments" / "compare.py"), "--tracking-uri", store,
+            "--plot", "--out", str(tmp_path / "plots"),
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stdout[-2000:] + compared.stderr[-2000:]
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("fold_sweep")
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], "tags.`mlflow.parentRunId` IS NULL"
+    )
+    assert f"logged {len(list((tmp_path / 'plots').glob('*.png')))} plot(s)" in compared.stdout
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.goto(
+        f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+        "/artifacts?workflowType=machine_learning"
+    )
+    page.get_by_text("plots", exact=True).first.click(timeout=30_000)
+    page.get_by_text(".png", exact=False).first.click()
+    image = page.locator("img[src^='blob:']").first
+    sync_api.expect(image).to_be_visible(timeout=30_000)
+    assert image.evaluate("element => element.naturalWidth") >= 100
+    page.close()
