@@ -116,7 +116,7 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
         "2",  # one trial at a time: the Soft Teacher trial starts after the supervised one
     )
     assert "Ray dashboard: http://127.0.0.1:" in first
-    assert "shared burn-in: 1 supervised run(s), and 1 semi-supervised run(s)" in first
+    assert "shared burn-in: 1 run(s) first, then 1 semi-supervised run(s)" in first
     assert first.count("[done]") == 1 and "[done]  10% fold 1 supervised" in first
     assert started
 

@@ -196,21 +196,21 @@ def _run_trials(
     root's end-of-burn-in checkpoint: a branch then takes the core a root leaves, and the
     last root does not train alone (15 of them, two at a time, left a core idle for a whole
     root when the branches waited for every root to finish)."""
-    jobs = [trial_job(settings, spec, prepared, parent) for spec in specs]
-    if settings.shared_burn_in:
-        roots, branches = split_shared_burn_in(specs, base)
-        burn_in = base.method.burn_in_steps
-        print(
-            f"shared burn-in: {len(roots)} supervised run(s), and {len(branches)} "
-            f"semi-supervised run(s) that branch off their step-{burn_in} checkpoint and "
-            "start once it is saved"
-        )
-        supervised = {root_key(s): s for s in roots if s.method == "supervised"}
-        jobs = [trial_job(settings, spec, prepared, parent) for spec in roots]
-        jobs += [
-            _branch_job(settings, spec, supervised[root_key(spec)], prepared, parent)
-            for spec in branches
-        ]
+    if not settings.shared_burn_in:
+        jobs = [trial_job(settings, spec, prepared, parent) for spec in specs]
+        return _run_grid(settings, jobs, parent, printer, name=settings.name)
+    roots, branches = split_shared_burn_in(specs, base)
+    print(
+        f"shared burn-in: {len(roots)} run(s) first, then {len(branches)} semi-supervised "
+        f"run(s), each from its supervised run's step-{base.method.burn_in_steps} checkpoint "
+        "once that is saved"
+    )
+    supervised = {root_key(s): s for s in roots if s.method == "supervised"}
+    jobs = [trial_job(settings, spec, prepared, parent) for spec in roots]
+    jobs += [
+        _branch_job(settings, spec, supervised[root_key(spec)], prepared, parent)
+        for spec in branches
+    ]
     return _run_grid(settings, jobs, parent, printer, name=settings.name)
 
 
