@@ -7,14 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ray.train
 import torch
 
 from softteacher.presets import preset
 from softteacher.run import fit, worker
-from softteacher.run.session import InProcessSession, checkpoints
+from softteacher.run.session import InProcessSession, RayTrainSession, checkpoints
 from softteacher.run.spec import RunSpec, WorkerResources
 from softteacher.run.worker import RunInputError, fatal_error_file
-from softteacher.train.checkpoint import CHECKPOINT_FILE, SAVED_KEYS
+from softteacher.train.checkpoint import CHECKPOINT_FILE, SAVED_KEYS, CheckpointError
 
 
 class _Recorder:
@@ -59,6 +60,37 @@ def test_a_truncated_checkpoint_is_skipped_for_the_one_before(tmp_path, capsys):
         assert directory.name == "checkpoint_000000004"
     warning = capsys.readouterr().err
     assert "skipping" in warning and "checkpoint_000000008" in warning
+
+
+def test_a_truncated_ray_train_checkpoint_is_skipped_for_the_one_before(
+    tmp_path, monkeypatch, capsys
+):
+    """A Ray Train worker resuming from Ray's latest checkpoint, truncated on disk: the
+    one Ray saved before it, in the same run folder, resumes the run (named by time)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    names = [f"checkpoint_2026-12-03_10-{minute:02d}-00.000001" for minute in (0, 5, 10)]
+    for name, step in zip(names, (4, 8, 12), strict=True):
+        _checkpoint(tmp_path, step).rename(run_dir / name)
+    for name in names[1:]:  # the newest two truncated on disk
+        _truncate(run_dir / name / CHECKPOINT_FILE)
+    latest = ray.train.Checkpoint.from_directory(str(run_dir / names[-1]))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: latest)
+    session = object.__new__(RayTrainSession)  # its resume, without a Train context
+    with session.resume_dir() as directory:
+        assert directory.name == names[0]
+        assert torch.load(directory / CHECKPOINT_FILE)["step"] == 4
+    warnings = capsys.readouterr().err
+    assert warnings.count("warning: skipping") == 2 and names[-1] in warnings
+
+    _truncate(run_dir / names[0] / CHECKPOINT_FILE)
+    with pytest.raises(CheckpointError, match=names[-1]):  # none loads: the newest's error
+        with session.resume_dir():
+            pass
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:20])
 
 
 def _spec(tmp_path: Path, smoke_fold, max_failures: int) -> RunSpec:

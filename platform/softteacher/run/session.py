@@ -64,12 +64,15 @@ class RayTrainSession:
 
     @contextmanager
     def resume_dir(self) -> Iterator[Path | None]:
+        """Ray's latest checkpoint, or, when that one is truncated or corrupt, the newest
+        readable one before it in the same run folder (on local or shared storage, where
+        Ray's checkpoint folder is the stored one itself)."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             yield None
             return
         with checkpoint.as_directory() as directory:
-            yield Path(directory)
+            yield readable_or_earlier(Path(directory))
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         checkpoint = None
@@ -135,14 +138,33 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def readable_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint that loads: one truncated on disk (a full disk, a killed copy)
     is skipped with a warning naming it, and the one before it resumes the run."""
-    for path in reversed(checkpoints(run_dir)):
+    latest = latest_checkpoint(run_dir)
+    return None if latest is None else readable_or_earlier(latest)
+
+
+def readable_or_earlier(directory: Path) -> Path:
+    """``directory`` if its checkpoint loads; else, with a warning naming it, the newest
+    readable checkpoint folder saved before it beside it (Ray names them by time, in
+    process by step: both sort by name). Raises the first error when none loads."""
+    try:
+        read_checkpoint(directory)
+        return directory
+    except CheckpointError as error:
+        print(f"warning: skipping {directory}: {error}", file=sys.stderr, flush=True)
+        first_error = error
+    earlier = sorted(
+        path
+        for path in directory.parent.glob(f"{CHECKPOINT_PREFIX}*")
+        if path.name < directory.name and has_checkpoint(path)
+    )
+    for path in reversed(earlier):
         try:
             read_checkpoint(path)
         except CheckpointError as error:
             print(f"warning: skipping {path}: {error}", file=sys.stderr, flush=True)
             continue
         return path
-    return None
+    raise first_error
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
