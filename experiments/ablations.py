@@ -16,9 +16,16 @@ option and input file is checked before the Ray cluster starts: a bad one is one
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from softteacher.preflight import INPUT_ERRORS, check_ablations, exit_on_usage_error
+from softteacher.preflight import (
+    INPUT_ERRORS,
+    check_ablations,
+    exit_on_usage_error,
+    joins_cluster,
+    placement_warning,
+)
 from softteacher.tune.ablation_tables import TABLES, AblationError
 from softteacher.tune.ablations import AblationSettings, run_ablations, select_tables
 from softteacher.tune.cluster import (
@@ -97,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = check_ablations(settings_from_args(args), tables, args.address)
     with exit_on_usage_error(ClusterAuthError):
         dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
+    if joins_cluster(args.address) and (warning := placement_warning(settings.resources)):
+        print(f"warning: {warning}", file=sys.stderr)
     if dashboard:
         print(f"Ray dashboard: {dashboard}")
     with exit_on_interrupt(), exit_on_usage_error(AblationError, *INPUT_ERRORS):

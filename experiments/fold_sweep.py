@@ -20,7 +20,13 @@ import sys
 from pathlib import Path
 
 from softteacher.config import METHODS
-from softteacher.preflight import INPUT_ERRORS, check_sweep, exit_on_usage_error
+from softteacher.preflight import (
+    INPUT_ERRORS,
+    check_sweep,
+    exit_on_usage_error,
+    joins_cluster,
+    placement_warning,
+)
 from softteacher.tune.cluster import (
     ClusterAuthError,
     default_preset_and_resources,
@@ -152,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = check_sweep(settings_from_args(args), args.address)
     with exit_on_usage_error(ClusterAuthError):
         dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
+    if joins_cluster(args.address) and (warning := placement_warning(settings.resources)):
+        print(f"warning: {warning}", file=sys.stderr)
     if dashboard:
         print(f"Ray dashboard: {dashboard} (token: `ray get-auth-token`)")
     with exit_on_interrupt(), exit_on_usage_error(*INPUT_ERRORS):

@@ -29,6 +29,7 @@ from softteacher.preflight import (
     check_sweep,
     check_thresholds,
     coco_class_override,
+    placement_warning,
 )
 from softteacher.presets import preset
 from softteacher.run.spec import WorkerResources
@@ -461,3 +462,15 @@ def test_a_disk_too_full_for_the_checkpoints_is_refused_before_the_cluster(run_c
     assert code == 2
     assert "0.0 GiB free on its disk, and the 2 trial(s) keep up to 0.8 GiB of checkpoints" in err
     assert "(3 of 140 MiB each)" in err and "--set train.keep_checkpoints=1" in err
+
+
+@pytest.mark.ray
+def test_a_trial_a_joined_cluster_cannot_hold_is_named_before_the_sweep_waits(ray_cluster):
+    """On a joined cluster (here the tests' 4-CPU one) the sweep cannot refuse a trial that
+    does not fit (an autoscaler may add nodes), so it says what is missing."""
+    assert placement_warning(WorkerResources(num_workers=0, cpus_per_worker=1)) is None
+    wide = placement_warning(WorkerResources(num_workers=8, cpus_per_worker=1))
+    assert wide.startswith("a trial needs 8.51 CPU (the cluster has 4)")
+    assert "lower --workers" in wide
+    gpu = placement_warning(WorkerResources(num_workers=1, gpus_per_worker=1))
+    assert gpu.startswith("a trial needs 1 GPU (the cluster has 0)")

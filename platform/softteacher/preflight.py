@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import ray
 import torch
 
 from softteacher.config import ExperimentConfig
@@ -239,6 +240,35 @@ def check_resources(
             "and no cluster is joined, so no trial could start; drop the option, or join a "
             "cluster with GPUs (--address or RAY_ADDRESS)"
         )
+
+
+def placement_warning(resources: WorkerResources) -> str | None:
+    """On a joined cluster: what a trial needs beyond what the cluster has now. Ray then
+    keeps the trial pending until nodes join (an autoscaler's) or for ever, with the reason
+    in its logs only, so the sweep says it before it waits. None when a trial fits."""
+    total = ray.cluster_resources()
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    per_trial = {
+        "CPU": cpus_per_trial(resources),
+        "GPU": resources.worker_count * resources.gpus_per_worker,
+    }
+    short = [
+        f"{needed:g} {kind} (the cluster has {total.get(kind, 0.0):g})"
+        for kind, needed in per_trial.items()
+        if needed > total.get(kind, 0.0)
+    ]
+    biggest = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+    if not short and resources.cpus_per_worker > biggest:
+        short.append(
+            f"{resources.cpus_per_worker:g} CPU on one node for each worker (the largest node "
+            f"has {biggest:g})"
+        )
+    if not short:
+        return None
+    return (
+        f"a trial needs {' and '.join(short)}: the trials wait until nodes that fit join the "
+        "cluster; lower --workers / --cpus-per-worker / --gpus-per-worker, or Ctrl-C"
+    )
 
 
 def check_overrides_reach_trials(
