@@ -79,6 +79,9 @@ def _sweep_signalled_at(
     driver = subprocess.Popen(
         command, env=_sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
+        # as from a terminal: pytest-xdist's workers ignore SIGINT, which a child inherits
+        # (and Python then installs no KeyboardInterrupt handler)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     printed = []
     try:
