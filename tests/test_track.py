@@ -24,7 +24,6 @@ from softteacher.track.mlflow_runs import (
     find_child_run,
     find_or_start_child_run,
     finish_run,
-    git_commit,
     log_file_artifact,
     log_final_metrics,
     log_json_artifact,
@@ -34,6 +33,7 @@ from softteacher.track.mlflow_runs import (
     sanitize_key,
     start_parent_run,
 )
+from softteacher.track.provenance import git_commit
 from softteacher.track.tables import (
     DuplicateFoldError,
     TrialResult,

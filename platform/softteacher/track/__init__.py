@@ -6,7 +6,6 @@ from softteacher.track.mlflow_runs import (
     default_tracking_uri,
     find_or_start_child_run,
     finish_run,
-    git_commit,
     log_file_artifact,
     log_final_metrics,
     log_json_artifact,
@@ -18,6 +17,7 @@ from softteacher.track.mlflow_runs import (
     set_tags,
     start_parent_run,
 )
+from softteacher.track.provenance import git_commit
 from softteacher.track.tables import (
     DuplicateFoldError,
     FoldSummary,

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -165,7 +164,7 @@ def find_or_start_child_run(
     is set RUNNING and gets the params it does not have yet.
     """
     client = mlflow_client(parent.tracking_uri)
-    existing = _child_runs(client, parent, run_name)
+    existing = _child_runs(client, parent, f"attributes.run_name = {_quoted(run_name)}")
     finished = [run for run in existing if run.info.status == "FINISHED"]
     if finished:
         return RunRef(parent.tracking_uri, finished[0].info.run_id, parent.experiment_id)
@@ -185,19 +184,20 @@ def find_or_start_child_run(
 
 def find_child_run(parent: RunRef, run_name: str) -> RunRef | None:
     """The latest child run of ``parent`` named ``run_name``, if any."""
-    existing = _child_runs(mlflow_client(parent.tracking_uri), parent, run_name)
+    existing = _child_runs(
+        mlflow_client(parent.tracking_uri), parent, f"attributes.run_name = {_quoted(run_name)}"
+    )
     if not existing:
         return None
     return RunRef(parent.tracking_uri, existing[-1].info.run_id, parent.experiment_id)
 
 
-def _child_runs(client: MlflowClient, parent: RunRef, run_name: str) -> list:
-    """``parent``'s children named ``run_name``, oldest first."""
+def _child_runs(client: MlflowClient, parent: RunRef, condition: str) -> list:
+    """``parent``'s children that meet ``condition`` (a search filter), oldest first."""
     return _search_all(
         client,
         parent.experiment_id,
-        f"tags.`{PARENT_TAG}` = {_quoted(parent.run_id)} "
-        f"and attributes.run_name = {_quoted(run_name)}",
+        f"tags.`{PARENT_TAG}` = {_quoted(parent.run_id)} and {condition}",
         order_by=["attributes.start_time ASC"],
     )
 
@@ -325,12 +325,8 @@ def finish_run(run: RunRef, status: str = "FINISHED") -> None:
 def finish_running_children(parent: RunRef, status: str) -> list[str]:
     """End ``parent``'s children that are still RUNNING with ``status``: trials whose
     process went down with the driver cannot end their own runs. Returns their names."""
-    client = mlflow_client(parent.tracking_uri)
-    running = _search_all(
-        client,
-        parent.experiment_id,
-        f"tags.`{PARENT_TAG}` = {_quoted(parent.run_id)} and attributes.status = 'RUNNING'",
-        order_by=["attributes.start_time ASC"],
+    running = _child_runs(
+        mlflow_client(parent.tracking_uri), parent, "attributes.status = 'RUNNING'"
     )
     for run in running:
         finish_run(RunRef(parent.tracking_uri, run.info.run_id, parent.experiment_id), status)
@@ -341,7 +337,7 @@ def ended_since(run: RunRef, since_ms: int) -> str | None:
     """The run's status if it ended (FINISHED, FAILED, KILLED) at ``since_ms`` (epoch
     milliseconds) or later, else None: a run still going, or one that ended before."""
     info = with_lock_retry(mlflow_client(run.tracking_uri).get_run, run.run_id).info
-    status = info.status if isinstance(info.status, str) else RunStatus.to_string(info.status)
+    status = _status_name(info.status)
     if status in ("FINISHED", "FAILED", "KILLED") and (info.end_time or 0) >= since_ms:
         return status
     return None
@@ -350,30 +346,12 @@ def ended_since(run: RunRef, since_ms: int) -> str | None:
 def run_status(run: RunRef) -> str:
     """RUNNING, FINISHED, FAILED, KILLED or SCHEDULED."""
     client = mlflow_client(run.tracking_uri)
-    status = with_lock_retry(client.get_run, run.run_id).info.status
+    return _status_name(with_lock_retry(client.get_run, run.run_id).info.status)
+
+
+def _status_name(status: str | int) -> str:
+    """MLflow hands a run's status as a name or as its enum value, by store."""
     return status if isinstance(status, str) else RunStatus.to_string(status)
-
-
-def git_commit(repo_dir: Path) -> str:
-    """HEAD's commit, ``+dirty`` when tracked files changed (as ``git describe --dirty``);
-    ``unknown`` outside a git checkout or without git (a Ray worker may have neither)."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", "-C", str(repo_dir), *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return done.stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--verify", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{commit}+dirty" if dirty else commit
 
 
 @functools.lru_cache(maxsize=8)

@@ -34,7 +34,6 @@ from softteacher.track.mlflow_runs import (
     find_child_run,
     finish_run,
     finish_running_children,
-    git_commit,
     log_json_artifact,
     resume_parent_run,
     run_status,
@@ -42,6 +41,7 @@ from softteacher.track.mlflow_runs import (
     start_parent_run,
     ui_hint,
 )
+from softteacher.track.provenance import git_commit
 from softteacher.track.tables import (
     TrialResult,
     format_table,

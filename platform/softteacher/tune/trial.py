@@ -23,7 +23,6 @@ from softteacher.track.mlflow_runs import (
     find_child_run,
     find_or_start_child_run,
     finish_run,
-    git_commit,
     log_final_metrics,
     log_json_artifact,
     run_status,
@@ -31,6 +30,7 @@ from softteacher.track.mlflow_runs import (
     system_metrics,
 )
 from softteacher.track.models import log_logged_model
+from softteacher.track.provenance import git_commit
 from softteacher.train.checkpoint import has_branch_point
 from softteacher.tune.grid import PROJECT_ROOT, TrialSpec
 from softteacher.tune.relay import fit_reporting_to_tune
