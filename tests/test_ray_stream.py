@@ -66,12 +66,11 @@ def test_a_data_actor_killed_mid_stream_is_replaced_and_the_rows_stay_the_same(
     actor.send_signal(signal.SIGKILL)
     after = stream.take(7)
     deadline = time.monotonic() + 60
-    while not (replaced := [a for a in _data_actors() if a.pid != actor.pid]):
+    while not [a for a in _data_actors() if a.pid != actor.pid]:  # its replacement
         assert time.monotonic() < deadline, "no Data actor replaced the killed one"
         time.sleep(0.5)
     rest = stream.take(n - 14)
     assert pa.concat_tables([first, after, rest]).equals(local)
-    assert replaced
 
 
 def _data_actors() -> list[psutil.Process]:
