@@ -4,12 +4,16 @@ as Ray Train would, and stops at once on an input error."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ray.train
 import torch
 
+from softteacher.preflight import checkpoint_bytes
 from softteacher.presets import preset
 from softteacher.run import fit, worker
 from softteacher.run.session import InProcessSession, RayTrainSession, checkpoints
@@ -153,3 +157,58 @@ def test_a_restarted_worker_stops_on_the_input_error_its_predecessor_left(
     with pytest.raises(RunInputError, match="^FileNotFoundError: train.init_from: no checkpoint"):
         worker.train_recording_input_errors(spec, session)
     assert trained == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of its own (root only: skipped where mounting is not allowed, as on CI)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def _resize(mount_point: Path, size: int) -> None:
+    subprocess.run(
+        ["mount", "-o", f"remount,size={size}", str(mount_point)], check=True, capture_output=True
+    )
+
+
+def test_a_disk_that_fills_mid_run_stops_it_at_once_and_a_rerun_resumes(
+    ray_cluster, smoke_fold, small_disk, capsys
+):
+    """A results disk with room for one checkpoint: the second one fails, the run stops on
+    one line naming the folder (not restarted: a retry would fail the same way), no half
+    copy is left, and after space is freed the same run resumes from the first one."""
+    cfg = preset("smoke").replace(
+        method={"name": "supervised", "burn_in_steps": 100},
+        train={"max_steps": 6, "ckpt_every": 3, "eval_every": 100, "log_every": 1},
+    )
+    _resize(small_disk, int(1.5 * checkpoint_bytes(cfg)))
+    spec = dataclasses.replace(
+        _spec(small_disk, smoke_fold, max_failures=2), config=cfg, unlabeled=None
+    )
+    with pytest.raises(RunInputError, match="^DiskFullError: .*no space left on its disk") as e:
+        fit.run(spec)
+    run_dir = small_disk / spec.name
+    assert str(run_dir) in str(e.value) and "the checkpoint of step 6" in str(e.value)
+    assert "restarting" not in capsys.readouterr().out
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []  # no half copy
+    assert [p.name for p in checkpoints(run_dir)] == ["checkpoint_000000003"]
+
+    _resize(small_disk, int(3.5 * checkpoint_bytes(cfg)))
+    result = fit.run(spec)
+    assert "restarting" not in capsys.readouterr().out
+    assert [p.name for p in checkpoints(run_dir)] == [
+        "checkpoint_000000003",
+        "checkpoint_000000006",
+    ]
+    assert "teacher/AP" in result.metrics

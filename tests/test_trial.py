@@ -1,5 +1,6 @@
 """A shared burn-in's branch waiting in the sweep's one Tune experiment for its supervised
-trial's branch point (tune/trial.py), against a real MLflow store on disk."""
+trial's branch point, and a restored trial finding the parent run of the command now
+running (tune/trial.py), against real MLflow stores on disk."""
 
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ from softteacher.track.mlflow_runs import (
     start_parent_run,
 )
 from softteacher.train.checkpoint import CHECKPOINT_FILE, SAVED_KEYS, branch_point_dir
-from softteacher.tune.trial import BranchPointError, wait_for_branch_point
+from softteacher.tune.trial import (
+    BranchPointError,
+    TrialJob,
+    current_parent,
+    wait_for_branch_point,
+    write_parent,
+)
 
 BURN_IN = 4
 
@@ -71,3 +78,17 @@ def test_a_branch_fails_once_its_supervised_trial_ended_without_the_branch_point
     message = str(error.value)
     assert "r10-f1-supervised at step 4" in message and "ended FAILED" in message
     assert "rerun the same command" in message
+
+
+def test_a_restored_trial_logs_under_the_parent_of_the_command_now_running(parent, tmp_path):
+    """Tune restores an unfinished trial with the job it was made with; when the rerun logs
+    to a new MLflow store, the trial takes the parent run the driver names now."""
+    parent_file = tmp_path / "ray" / "sweep.mlflow_parent.json"
+    job = TrialJob(None, None, parent, "smoke", str(tmp_path), parent_file=str(parent_file))
+    assert current_parent(job) == parent  # no file: a job made by this command
+    (tmp_path / "new").mkdir()
+    new_store = start_parent_run(f"sqlite:///{tmp_path}/new/mlflow.db", "fold_sweep", "sweep", {})
+    write_parent(parent_file, new_store)
+    assert current_parent(job) == new_store
+    child = find_or_start_child_run(current_parent(job), "r10-f1-supervised", {})
+    assert child.tracking_uri == new_store.tracking_uri

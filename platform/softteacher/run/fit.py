@@ -17,6 +17,7 @@ from softteacher.run.spec import RunSpec
 from softteacher.run.worker import (
     RunInputError,
     fatal_error_file,
+    input_error,
     train_loop_per_worker,
     train_recording_input_errors,
 )
@@ -86,7 +87,11 @@ def run_in_process(spec: RunSpec, callbacks: list | None = None) -> RunResult:
             train_recording_input_errors(spec, session)
             break
         except Exception as error:
-            if fatal_error_file(spec).is_file() or attempt == spec.resources.max_failures:
+            if (
+                fatal_error_file(spec).is_file()
+                or input_error(error) is not None
+                or attempt == spec.resources.max_failures
+            ):
                 raise
             print(
                 f"{spec.name}: {type(error).__name__}: {error}; restarting from the latest "

@@ -116,7 +116,11 @@ class InProcessSession:
         target = self.run_dir / f"{CHECKPOINT_PREFIX}{step:09d}"
         staging = self.run_dir / f".{target.name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging)
+        try:
+            shutil.copytree(source, staging)
+        except BaseException:  # a full disk: leave no half copy taking up its space
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(target, ignore_errors=True)  # a resumed run saving the same step again
         staging.rename(target)
         for old in checkpoints(self.run_dir)[: -self._keep]:

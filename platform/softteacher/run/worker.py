@@ -22,6 +22,7 @@ from softteacher.data.rows import StreamPlan
 from softteacher.data.steps import StepBatches, start_positions
 from softteacher.eval.models import RunEvaluation, evaluate_run
 from softteacher.eval.overlays import overlay_artifacts
+from softteacher.files import DiskFullError, disk_full_named
 from softteacher.names import LOSS_TOTAL, TEACHER_AP
 from softteacher.run.session import RayTrainSession, RunSession, node_id
 from softteacher.run.spec import RunSpec
@@ -39,8 +40,9 @@ from softteacher.train.progress_metrics import ProgressGauges
 from softteacher.train.trainer import SoftTeacherTrainer
 
 # Errors no retry can fix: the input or the config is wrong (our one-line errors are
-# ValueErrors, a NaN loss is a FloatingPointError, a missing file a FileNotFoundError).
-INPUT_ERRORS = (ValueError, FloatingPointError, FileNotFoundError)
+# ValueErrors, a NaN loss is a FloatingPointError, a missing file a FileNotFoundError), or
+# the disk is full until the user frees space.
+INPUT_ERRORS = (ValueError, FloatingPointError, FileNotFoundError, DiskFullError)
 FATAL_ERROR_FILE = "fatal_error.txt"
 # What marks a logged step summary and a logged evaluation: a replayed step is logged only
 # when its MLflow run lacks it (each step logged once, whatever the restarts).
@@ -71,14 +73,17 @@ def train_recording_input_errors(spec: RunSpec, session: RunSession) -> None:
     try:
         _train(spec, session)
     except Exception as error:
-        cause = _input_error(error)
+        cause = input_error(error)
         if cause is not None:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"{type(cause).__name__}: {_first_line(cause)}\n")
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"{type(cause).__name__}: {_first_line(cause)}\n")
+            except OSError:  # a disk too full for even this line: the error itself goes on
+                pass
         raise
 
 
-def _input_error(error: BaseException) -> BaseException | None:
+def input_error(error: BaseException) -> BaseException | None:
     """The input error in ``error``'s chain (Ray Data wraps an actor's error in its own)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
@@ -145,11 +150,16 @@ def _train(spec: RunSpec, session: RunSession) -> None:
             session.report(report)
             return
         extra = {"data_position": batches.position()}
+        run_dir = Path(spec.storage_path) / spec.name
+        what = f"the checkpoint of step {step}"
         if step == cfg.method.burn_in_steps:  # the branch point, kept beside Ray's rolling ones
-            save_checkpoint(trainer, Path(spec.storage_path) / spec.name / BRANCH_POINT_DIR, extra)
+            with disk_full_named(run_dir, f"the branch point ({what})"):
+                save_checkpoint(trainer, run_dir / BRANCH_POINT_DIR, extra)
         with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(trainer, Path(directory), extra)
-            session.report(report, checkpoint_dir=Path(directory))
+            with disk_full_named(Path(tempfile.gettempdir()), what):
+                save_checkpoint(trainer, Path(directory), extra)
+            with disk_full_named(run_dir, what):
+                session.report(report, checkpoint_dir=Path(directory))
 
     fit(trainer, batches, LoopHooks(log=log, evaluate=evaluate, checkpoint=save))
 

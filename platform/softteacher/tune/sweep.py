@@ -60,7 +60,12 @@ from softteacher.tune.grid import (
 )
 from softteacher.tune.prepared import PreparedFold, fold_key, prepare_folds
 from softteacher.tune.progress import TrialEventPrinter
-from softteacher.tune.trial import TrialJob, rebuild_child_run, run_trial
+from softteacher.tune.trial import (
+    TrialJob,
+    rebuild_child_run,
+    run_trial,
+    write_parent,
+)
 
 TUNE_DRIVER_CPUS = 0.01  # the trial function only waits on its TorchTrainer
 # the smallest Ray Data footprint of a trial: one actor in each of its two pools
@@ -198,7 +203,7 @@ def _run_trials(
     root when the branches waited for every root to finish)."""
     if not settings.shared_burn_in:
         jobs = [trial_job(settings, spec, prepared, parent) for spec in specs]
-        return _run_grid(settings, jobs, parent, printer, name=settings.name)
+        return _run_grid(settings, jobs, parent, printer)
     roots, branches = split_shared_burn_in(specs, base)
     print(
         f"shared burn-in: {len(roots)} run(s) first, then {len(branches)} semi-supervised "
@@ -211,7 +216,7 @@ def _run_trials(
         _branch_job(settings, spec, supervised[root_key(spec)], prepared, parent)
         for spec in branches
     ]
-    return _run_grid(settings, jobs, parent, printer, name=settings.name)
+    return _run_grid(settings, jobs, parent, printer)
 
 
 def _branch_job(
@@ -232,10 +237,8 @@ def _run_grid(
     jobs: list[TrialJob],
     parent: RunRef,
     printer: TrialEventPrinter,
-    *,
-    name: str,
 ) -> SweepResult:
-    """One Tune experiment over ``jobs`` (resumed when ``name`` ran before), under the
+    """One Tune experiment over ``jobs`` (resumed when the sweep's name ran before), under the
     settings' early stopping, which ranks a shared burn-in's branches only. A trial Ray
     holds as finished whose MLflow run under ``parent`` is missing or unfinished is logged
     again from Ray's result."""
@@ -243,7 +246,8 @@ def _run_grid(
         return SweepResult([], [])
     trainable = tune.with_resources(run_trial, trial_resources(settings.resources))
     storage = Path(settings.results_dir) / "ray"
-    experiment_path = storage / name
+    experiment_path = storage / settings.name
+    write_parent(parent_file(settings), parent)
     if tune.Tuner.can_restore(str(experiment_path)):
         print(f"resuming sweep from {experiment_path}")
         tuner = tune.Tuner.restore(
@@ -258,7 +262,7 @@ def _run_grid(
                 scheduler=asha_scheduler(settings),
             ),
             run_config=tune.RunConfig(
-                name=name,
+                name=settings.name,
                 storage_path=str(storage),
                 callbacks=[printer],
                 verbose=0,
@@ -374,7 +378,21 @@ def trial_job(
         storage_path=str(settings.train_storage),
         resources=settings.resources,
     )
-    return TrialJob(point, spec, parent, settings.preset, settings.data_dir, fold.splits)
+    return TrialJob(
+        point,
+        spec,
+        parent,
+        settings.preset,
+        settings.data_dir,
+        fold.splits,
+        parent_file=str(parent_file(settings)),
+    )
+
+
+def parent_file(settings: SweepSettings) -> Path:
+    """Where the driver names the sweep's MLflow parent run for the trials (beside Tune's
+    experiment folder, which Tune must create itself)."""
+    return Path(settings.results_dir) / "ray" / f"{settings.name}.mlflow_parent.json"
 
 
 def trial_resources(resources: WorkerResources) -> dict[str, float]:

@@ -4,6 +4,7 @@ metrics, summary and logged teacher, and the run's status whatever happens."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 from ray import tune
 
 from softteacher.eval.inference import export_teacher
+from softteacher.files import write_atomically
 from softteacher.names import EVAL_STEP, FINAL_METRICS, FINAL_PREFIX, TRAINED_STEPS
 from softteacher.run.fit import RunResult, run
 from softteacher.run.multi_stage import run_multi_stage
@@ -48,10 +50,27 @@ class TrialJob:
     data_splits: tuple[DataSplit, ...] = ()  # logged to the trial's MLflow run
     # a shared burn-in's branch: the trial (grid point name) whose branch point it waits for
     root: str | None = None
+    # where the sweep's driver writes the parent run of its latest command (``current_parent``)
+    parent_file: str | None = None
 
 
 class BranchPointError(RuntimeError):
     """A branch whose supervised trial ended without the checkpoint it branches off."""
+
+
+def write_parent(path: Path, parent: RunRef) -> None:
+    """Record the sweep's parent run for its trials, before they start or resume."""
+    write_atomically(path, json.dumps(dataclasses.asdict(parent)) + "\n")
+
+
+def current_parent(job: TrialJob) -> RunRef:
+    """The parent run of the sweep command now running. Tune restores an unfinished trial
+    with the job it was made with, whose parent may be in an MLflow store the new command
+    no longer uses (a new ``MLFLOW_TRACKING_URI``, a deleted store); the driver's file
+    names the parent it logs to now."""
+    if job.parent_file is None or not Path(job.parent_file).is_file():
+        return job.parent
+    return RunRef(**json.loads(Path(job.parent_file).read_text()))
 
 
 def trial_params(job: TrialJob) -> dict[str, object]:
@@ -85,6 +104,7 @@ def run_trial(config: dict) -> None:
     the offline pseudo-labeling between them). A trial that raises ends its child run
     FAILED with the reason as a tag, so no MLflow run is left RUNNING by an error."""
     job: TrialJob = config["job"]
+    job = dataclasses.replace(job, parent=current_parent(job))
     point, spec = job.point, job.spec
     child = find_or_start_child_run(job.parent, point.name, params=trial_params(job))
     # the image lists this trial reads (a supervised run reads no unlabeled image)
