@@ -31,6 +31,7 @@ from softteacher.presets import preset
 from softteacher.run.fit import RunResult, run
 from softteacher.run.spec import RunSpec, WorkerResources
 from softteacher.track.mlflow_runs import RunRef, start_parent_run
+from softteacher.track.provenance import cpu_description
 from softteacher.train.checkpoint import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.ray
@@ -206,6 +207,7 @@ def test_two_workers_spread_over_two_nodes(smoke_fold, tmp_path):
         nodes = {tags["worker/0/node_id"], tags["worker/1/node_id"]}
         assert len(nodes) == 2
         assert nodes == {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        assert tags["worker/0/cpu"] == tags["worker/1/cpu"] == cpu_description()
     finally:
         ray.shutdown()
         cluster.shutdown()

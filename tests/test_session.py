@@ -189,7 +189,7 @@ def test_a_disk_that_fills_mid_run_stops_it_at_once_and_a_rerun_resumes(
     one line naming the folder (not restarted: a retry would fail the same way), no half
     copy is left, and after space is freed the same run resumes from the first one."""
     cfg = preset("smoke").replace(
-        method={"name": "supervised", "burn_in_steps": 100},
+        method={"method": "supervised", "burn_in_steps": 100},
         train={"max_steps": 6, "ckpt_every": 3, "eval_every": 100, "log_every": 1},
     )
     _resize(small_disk, int(1.5 * checkpoint_bytes(cfg)))

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -33,7 +34,7 @@ from softteacher.track.mlflow_runs import (
     sanitize_key,
     start_parent_run,
 )
-from softteacher.track.provenance import git_commit
+from softteacher.track.provenance import cpu_description, git_commit
 from softteacher.track.tables import (
     DuplicateFoldError,
     TrialResult,
@@ -396,3 +397,11 @@ def test_find_child_run_by_name(uri, experiment):
     assert find_child_run(parent, "r10-f1") is None
     child = find_or_start_child_run(parent, "r10-f1", params={})
     assert find_child_run(parent, "r10-f1") == child
+
+
+def test_the_cpu_is_named_with_the_isa_torch_runs_its_kernels_with(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert cpu_description(cpuinfo) == f"AMD EPYC 9654 96-Core Processor ({isa})"
+    assert cpu_description(tmp_path / "missing") == f"unknown CPU ({isa})"

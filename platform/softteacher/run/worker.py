@@ -34,6 +34,7 @@ from softteacher.track.mlflow_runs import (
     log_metrics,
     set_tags,
 )
+from softteacher.track.provenance import cpu_description
 from softteacher.train.checkpoint import BRANCH_POINT_DIR, restore_start, save_checkpoint
 from softteacher.train.loop import LoopHooks, Metrics, fit
 from softteacher.train.progress_metrics import ProgressGauges
@@ -107,7 +108,10 @@ def _train(spec: RunSpec, session: RunSession) -> None:
     rank, world_size, device = session.rank, session.world_size, session.device
     is_rank_zero = rank == 0
     if spec.tracking is not None:  # where each worker ran, for the user and the tests
-        set_tags(spec.tracking, {f"worker/{rank}/node_id": node_id()})
+        set_tags(
+            spec.tracking,
+            {f"worker/{rank}/node_id": node_id(), f"worker/{rank}/cpu": cpu_description()},
+        )
 
     wrap = _prepare_ddp if world_size > 1 else (lambda module: module)
     trainer = SoftTeacherTrainer(cfg, device, wrap_student=wrap, rank=rank)

@@ -1,9 +1,14 @@
-"""Where a run's code came from: the commit a sweep and each of its trials record."""
+"""Where a run came from: the commit a sweep and each of its trials record, and the CPU each
+worker trained on."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+
+import torch
+
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def git_commit(repo_dir: Path) -> str:
@@ -26,3 +31,19 @@ def git_commit(repo_dir: Path) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}+dirty" if dirty else commit
+
+
+def cpu_description(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU's model and the vector ISA torch's CPU kernels run with (``AVX2``,
+    ``AVX512``, ...). A run is bit-reproducible on one machine; CPUs that differ in either
+    pick other kernels (oneDNN chooses by ISA), whose rounding differs, and training
+    amplifies that into different weights, so two runs' machines are worth comparing first."""
+    model = "unknown CPU"
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
