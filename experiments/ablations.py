@@ -22,6 +22,7 @@ from pathlib import Path
 from softteacher.preflight import (
     INPUT_ERRORS,
     check_ablations,
+    choose_dashboard_port,
     exit_on_usage_error,
     joins_cluster,
     placement_warning,
@@ -102,8 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_usage_error(ValueError):  # the settings' and the config's own checks too
         tables = select_tables(args.only, args.rows)
         settings = check_ablations(settings_from_args(args), tables, args.address)
+        port = None if joins_cluster(args.address) else choose_dashboard_port(args.dashboard_port)
     with exit_on_usage_error(ClusterAuthError):
-        dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
+        dashboard = start_or_join(args.address, args.num_cpus, port)
     if joins_cluster(args.address) and (warning := placement_warning(settings.resources)):
         print(f"warning: {warning}", file=sys.stderr)
     if dashboard:

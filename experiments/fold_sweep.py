@@ -23,6 +23,7 @@ from softteacher.config import METHODS
 from softteacher.preflight import (
     INPUT_ERRORS,
     check_sweep,
+    choose_dashboard_port,
     exit_on_usage_error,
     joins_cluster,
     placement_warning,
@@ -156,8 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with exit_on_usage_error(ValueError):  # the settings' and the config's own checks too
         settings = check_sweep(settings_from_args(args), args.address)
+        port = None if joins_cluster(args.address) else choose_dashboard_port(args.dashboard_port)
     with exit_on_usage_error(ClusterAuthError):
-        dashboard = start_or_join(args.address, args.num_cpus, args.dashboard_port)
+        dashboard = start_or_join(args.address, args.num_cpus, port)
     if joins_cluster(args.address) and (warning := placement_warning(settings.resources)):
         print(f"warning: {warning}", file=sys.stderr)
     if dashboard:

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import shutil
+import socket
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +29,7 @@ from softteacher.preflight import (
     check_resources,
     check_sweep,
     check_thresholds,
+    choose_dashboard_port,
     coco_class_override,
     placement_warning,
 )
@@ -474,3 +476,18 @@ def test_a_trial_a_joined_cluster_cannot_hold_is_named_before_the_sweep_waits(ra
     assert "lower --workers" in wide
     gpu = placement_warning(WorkerResources(num_workers=1, gpus_per_worker=1))
     assert gpu.startswith("a trial needs 1 GPU (the cluster has 0)")
+
+
+def test_a_taken_dashboard_port_is_passed_over_unless_it_was_asked_for(capsys):
+    """A second sweep beside a first: Ray's default dashboard port is taken, and Ray would
+    fail on it with a traceback after starting the cluster's other processes."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        with pytest.raises(UsageError, match=rf"^--dashboard-port {taken}: .* is in use"):
+            choose_dashboard_port(taken)
+        chosen = choose_dashboard_port(None, default=taken)
+        assert chosen > taken
+        assert f"127.0.0.1:{taken} is in use" in capsys.readouterr().out
+    assert choose_dashboard_port(chosen) == chosen

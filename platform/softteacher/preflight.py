@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import shutil
+import socket
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +32,7 @@ from softteacher.run.spec import WorkerResources
 from softteacher.train.checkpoint import CheckpointError
 from softteacher.tune.ablation_tables import AblationTable
 from softteacher.tune.ablations import AblationSettings
+from softteacher.tune.cluster import DASHBOARD_HOST, DASHBOARD_PORT
 from softteacher.tune.grid import SweepSettings, TrialSpec, split_shared_burn_in
 from softteacher.tune.sweep import cpus_per_trial
 
@@ -66,6 +68,41 @@ def exit_on_usage_error(*errors: type[Exception]) -> Iterator[None]:
 def joins_cluster(address: str | None) -> bool:
     """Whether ``start_or_join`` joins a running cluster rather than starting a local one."""
     return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def choose_dashboard_port(requested: int | None, default: int = DASHBOARD_PORT) -> int:
+    """The local cluster's dashboard port: ``requested`` when it is free; without a request
+    Ray's ``default`` or, when another cluster on the machine holds it (a second sweep
+    beside a first), the next free port after it, said in one line (Ray itself fails on a
+    taken port with a traceback, after the cluster's other processes started)."""
+    if requested is not None:
+        if not _port_is_free(requested):
+            raise UsageError(
+                f"--dashboard-port {requested}: {DASHBOARD_HOST}:{requested} is in use "
+                "(another Ray cluster's dashboard?); pass a free port, or leave the option "
+                "out to take the next free one"
+            )
+        return requested
+    for port in range(default, default + 100):
+        if _port_is_free(port):
+            if port != default:
+                print(
+                    f"{DASHBOARD_HOST}:{default} is in use (another Ray cluster on this "
+                    f"machine?): this one's dashboard listens on port {port}"
+                )
+            return port
+    raise UsageError(
+        f"ports {default}-{default + 99} are all in use; pass a free one with --dashboard-port"
+    )
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((DASHBOARD_HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def check_sweep(settings: SweepSettings, address: str | None) -> SweepSettings:

@@ -23,10 +23,11 @@ WORKER_ENV = {
 def start_or_join(
     address: str | None = None,
     num_cpus: int | None = None,
-    dashboard_port: int = DASHBOARD_PORT,
+    dashboard_port: int | None = None,
 ) -> str | None:
     """Join ``address`` (or ``RAY_ADDRESS``) if given, else start a local cluster whose
-    dashboard listens on 127.0.0.1:8265. Returns the dashboard URL, if any.
+    dashboard listens on 127.0.0.1:``dashboard_port`` (8265; ``choose_dashboard_port``
+    finds a free one first). Returns the dashboard URL, if any.
 
     A local cluster gets twice as many logical CPUs as the machine has cores unless told
     otherwise: the Ray Data actors that decode and augment mostly wait, and with logical
@@ -64,7 +65,7 @@ def start_or_join(
             num_cpus=num_cpus or 2 * (os.cpu_count() or 1),
             include_dashboard=True,
             dashboard_host=DASHBOARD_HOST,
-            dashboard_port=dashboard_port,
+            dashboard_port=dashboard_port or DASHBOARD_PORT,
             runtime_env=runtime_env,
             log_to_driver=False,
         )

@@ -101,5 +101,10 @@ def shared_options() -> argparse.ArgumentParser:
     workers.add_argument(
         "--num-cpus", type=int, default=None, help="logical CPUs of a local cluster"
     )
-    workers.add_argument("--dashboard-port", type=int, default=8265, help="of a local cluster")
+    workers.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=None,
+        help="of a local cluster (default: 8265, or the next free port when another holds it)",
+    )
     return parser
