@@ -64,7 +64,7 @@ def disk_full_named(folder: Path, what: str) -> Iterator[None]:
     except OSError as error:
         if not is_disk_full(error):
             raise
-        free = _free_bytes(Path(folder))
+        free = shutil.disk_usage(nearest_existing(Path(folder))).free
         raise DiskFullError(
             f"{folder}: no space left on its disk while writing {what} "
             f"({free / 2**20:.0f} MiB free); free some space, or keep fewer checkpoints "
@@ -73,8 +73,8 @@ def disk_full_named(folder: Path, what: str) -> Iterator[None]:
         ) from None
 
 
-def _free_bytes(folder: Path) -> int:
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            return shutil.disk_usage(candidate).free
-    return 0
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: the folder whose disk ``path`` goes on."""
+    while not path.exists():
+        path = path.parent
+    return path

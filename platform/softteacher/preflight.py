@@ -27,6 +27,7 @@ from softteacher.config import ExperimentConfig
 from softteacher.data.coco import CocoFormatError, CocoSummary
 from softteacher.data.folds import FoldError
 from softteacher.data.protocol import DatasetLayoutError, coco_root_summary
+from softteacher.files import nearest_existing
 from softteacher.model.detector import build_detector
 from softteacher.run.spec import WorkerResources
 from softteacher.train.checkpoint import CheckpointError
@@ -174,9 +175,7 @@ def check_results_folder(option: str, folder: Path, cfg: ExperimentConfig, trial
     """The results folder can be made and written, and its disk holds every trial's kept
     checkpoints (``train.keep_checkpoints`` and the burn-in branch point), so that a sweep
     does not die of a full disk hours in."""
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise UsageError(f"{option} {folder}: {existing} is a file, not a folder; pass a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

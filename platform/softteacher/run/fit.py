@@ -76,7 +76,7 @@ def run(spec: RunSpec, callbacks: list | None = None) -> RunResult:
 def run_in_process(spec: RunSpec, callbacks: list | None = None) -> RunResult:
     """The run's one worker in this process; like Ray Train's ``FailureConfig``, a failure
     restarts it from its latest checkpoint up to ``max_failures`` times (not an input
-    error: the marker stops the restart at once)."""
+    error, seen in the error's own chain: no restart at all)."""
     run_dir = Path(spec.storage_path) / spec.name
     device = torch.device("cuda" if spec.resources.gpus_per_worker > 0 else "cpu")
     for attempt in range(spec.resources.max_failures + 1):
@@ -87,11 +87,7 @@ def run_in_process(spec: RunSpec, callbacks: list | None = None) -> RunResult:
             train_recording_input_errors(spec, session)
             break
         except Exception as error:
-            if (
-                fatal_error_file(spec).is_file()
-                or input_error(error) is not None
-                or attempt == spec.resources.max_failures
-            ):
+            if input_error(error) is not None or attempt == spec.resources.max_failures:
                 raise
             print(
                 f"{spec.name}: {type(error).__name__}: {error}; restarting from the latest "
