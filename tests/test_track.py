@@ -12,12 +12,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from softteacher.config import ExperimentConfig
 from softteacher.track import mlflow_runs
+from softteacher.track.datasets import DataSplit, log_data_inputs
 from softteacher.track.mlflow_runs import (
     RunRef,
     TrackingError,
@@ -275,6 +277,44 @@ def test_lock_errors_are_retried_and_others_raised_at_once(monkeypatch):
     with pytest.raises(MlflowException, match="no such run"):
         mlflow_runs.with_lock_retry(broken)
     assert calls == ["broken"]
+
+
+def test_a_run_that_loses_the_race_to_insert_a_dataset_links_the_winners(
+    tmp_path, uri, experiment, monkeypatch
+):
+    """Two trials starting at once both insert the same dataset; sqlite refuses the second
+    insert on its unique key (CI saw a shared burn-in's Soft Teacher trial die of it)."""
+    parent = start_parent_run(uri, experiment, "sweep", {})
+    winner, loser = (find_or_start_child_run(parent, name, {}) for name in ("a", "b"))
+    split = DataSplit("10% fold 1 labeled", "d1g357", tmp_path / "l.json", 6, "training")
+    log_data_inputs(winner, [split])
+
+    real_log_inputs = MlflowClient.log_inputs
+    tries = []
+
+    def insert_lost_once(self, run_id, datasets=None, models=None):
+        tries.append(run_id)
+        if len(tries) == 1:  # what sqlite raised: the winner's row landed first
+            integrity = sqlalchemy.exc.IntegrityError("INSERT INTO datasets", {}, None)
+            raise MlflowException(str(integrity)) from integrity
+        return real_log_inputs(self, run_id, datasets=datasets)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", insert_lost_once)
+    log_data_inputs(loser, [split])
+    assert tries == [loser.run_id, loser.run_id]
+    client = MlflowClient(uri)
+    linked = [
+        [(i.dataset.name, i.dataset.digest) for i in client.get_run(r.run_id).inputs.dataset_inputs]
+        for r in (winner, loser)
+    ]
+    assert linked == [[("10% fold 1 labeled", "d1g357")]] * 2
+
+    def refused(self, run_id, datasets=None, models=None):
+        raise MlflowException("no such run")
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", refused)
+    with pytest.raises(MlflowException, match="no such run"):
+        log_data_inputs(loser, [split])
 
 
 def _result(fold, teacher, student, method="soft_teacher_jitter", ratio=1.0, fg=0.9, var=0.02):
