@@ -6,12 +6,19 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from softteacher.tune.grid import TrialSpec
-from softteacher.tune.progress import TrialEventPrinter, trial_name
+from softteacher.tune.progress import TrialEventPrinter
+
+
+def trial_name(trial: SimpleNamespace) -> str:
+    return trial.printer.name(trial)
 
 
 def _trial(**overrides) -> SimpleNamespace:
+    """A Tune trial as the printer sees it: its config names the job the sweep knows."""
     point = TrialSpec(10.0, 1, "soft_teacher", 0.7, 0.02, **overrides)
-    return SimpleNamespace(trial_id="t0", config={"job": SimpleNamespace(point=point)})
+    printer = TrialEventPrinter(total=1)
+    printer.titles[point.name] = point.title
+    return SimpleNamespace(trial_id="t0", config={"job": point.name}, printer=printer)
 
 
 def test_name_of_a_plain_trial() -> None:
@@ -33,12 +40,13 @@ def test_indicator_jitter_and_seed_rows_print_apart() -> None:
 
 
 def test_a_trial_without_a_job_is_named_by_its_id() -> None:
-    assert trial_name(SimpleNamespace(trial_id="t7", config={})) == "t7"
+    assert TrialEventPrinter(total=1).name(SimpleNamespace(trial_id="t7", config={})) == "t7"
 
 
 def test_progress_counts_ended_trials_of_the_whole_sweep(capsys) -> None:
     printer = TrialEventPrinter(total=3)
     trial = SimpleNamespace(**vars(_trial()), last_result={"teacher/AP": 12.5, "student/AP": 11.0})
+    printer.titles.update(trial.printer.titles)
     printer.on_trial_start(0, [], trial)
     printer.on_trial_complete(0, [], trial)
     out = capsys.readouterr().out
@@ -50,6 +58,7 @@ def test_a_trial_the_scheduler_stopped_is_printed_as_stopped(capsys) -> None:
     printer = TrialEventPrinter(total=2)
     result = {"teacher/AP": 3.0, "trained_steps": 50}
     trial = SimpleNamespace(**vars(_trial()), last_result=result)
+    printer.titles.update(trial.printer.titles)
     printer.on_trial_start(0, [], trial)
     printer.on_trial_complete(0, [], trial)
     out = capsys.readouterr().out

@@ -32,8 +32,8 @@ class _Job:
     root: str | None = None
 
 
-def _trial(config: dict) -> None:
-    quality = config["job"].quality
+def _trial(config: dict, jobs: dict[str, _Job]) -> None:
+    quality = jobs[config["job"]].quality
 
     def stand_in_fit(callbacks: list) -> str:
         callbacks[0].after_report(None, [{"step": 1}], None)  # before any evaluation
@@ -54,19 +54,26 @@ def _trial(config: dict) -> None:
     tune.report({TEACHER_AP: quality * EVAL_STEPS[-1], "final": 1.0})  # as run_trial
 
 
-def _tune(tmp_path, jobs: list[_Job], scheduler=None):
+def _tune(tmp_path, jobs: list[_Job], settings: SweepSettings | None = None) -> dict:
+    """The grid over ``jobs`` as the sweep runs it (a trial's config names its job), under
+    the settings' early stopping; each result by its job's quality."""
+    by_name = {f"job-{i}": job for i, job in enumerate(jobs)}
     tuner = tune.Tuner(
-        _trial,
-        param_space={"job": tune.grid_search(jobs)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=1, scheduler=scheduler),
+        tune.with_parameters(_trial, jobs=by_name),
+        param_space={"job": tune.grid_search(list(by_name))},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=1,
+            scheduler=asha_scheduler(settings, by_name) if settings else None,
+            reuse_actors=True,
+        ),
         run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
     )
-    return tuner.fit()
+    return {by_name[result.config["job"]].quality: result for result in tuner.fit()}
 
 
 def test_every_report_reaches_tune_in_order_and_errors_surface(ray_cluster, tmp_path):
-    grid = _tune(tmp_path, [_Job(1.0), _Job(-1.0)])
-    good, bad = sorted(grid, key=lambda result: -result.config["job"].quality)
+    by_quality = _tune(tmp_path, [_Job(1.0), _Job(-1.0)])
+    good, bad = by_quality[1.0], by_quality[-1.0]
     history = good.metrics_dataframe
     assert list(history[EVAL_STEP].dropna().astype(int)) == list(EVAL_STEPS)
     assert good.metrics["final"] == 1.0
@@ -77,8 +84,7 @@ def test_every_report_reaches_tune_in_order_and_errors_surface(ray_cluster, tmp_
 def test_asha_stops_the_trials_that_trail_their_rung(ray_cluster, tmp_path):
     settings = SweepSettings(preset="smoke", early_stopping=EarlyStopping(grace_steps=2))
     # one trial at a time, best first: each later one trails the rung's record at step 2
-    grid = _tune(tmp_path, [_Job(q) for q in (4.0, 3.0, 2.0, 1.0)], asha_scheduler(settings))
-    by_quality = {result.config["job"].quality: result for result in grid}
+    by_quality = _tune(tmp_path, [_Job(q) for q in (4.0, 3.0, 2.0, 1.0)], settings)
     assert by_quality[4.0].metrics.get("final") == 1.0
     for quality in (3.0, 2.0, 1.0):
         stopped = by_quality[quality]
@@ -93,8 +99,7 @@ def test_under_a_shared_burn_in_asha_ranks_the_branches_only(ray_cluster, tmp_pa
         preset="smoke", early_stopping=EarlyStopping(grace_steps=2), shared_burn_in=True
     )
     jobs = [_Job(4.0, root="r-a"), _Job(1.0), _Job(3.0, root="r-b")]
-    grid = _tune(tmp_path, jobs, asha_scheduler(settings))
-    by_quality = {result.config["job"].quality: result for result in grid}
+    by_quality = _tune(tmp_path, jobs, settings)
     assert by_quality[4.0].metrics.get("final") == 1.0
     assert by_quality[1.0].metrics.get("final") == 1.0  # the root, unranked
     stopped = by_quality[3.0]

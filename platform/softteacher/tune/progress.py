@@ -21,6 +21,8 @@ class TrialEventPrinter(Callback):
 
     def __init__(self, total: int) -> None:
         self._total = total
+        # a trial's config holds its job's name; the terminal shows the job's title
+        self.titles: dict[str, str] = {}
         self._begun = time.monotonic()
         self._ended = 0
         self._started: dict[str, float] = {}
@@ -28,7 +30,7 @@ class TrialEventPrinter(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._started[trial.trial_id] = time.monotonic()
-        print(f"[start] {trial_name(trial)}", flush=True)
+        print(f"[start] {self.name(trial)}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         step = int(result.get(EVAL_STEP, -1))
@@ -39,7 +41,7 @@ class TrialEventPrinter(Callback):
         student = result.get(STUDENT_AP, float("nan"))
         speed = result.get(IMAGES_PER_S, float("nan"))
         print(
-            f"[eval]  {trial_name(trial)} step {step}: teacher mAP {teacher:.2f}, "
+            f"[eval]  {self.name(trial)} step {step}: teacher mAP {teacher:.2f}, "
             f"student mAP {student:.2f}, {speed:.1f} img/s",
             flush=True,
         )
@@ -49,7 +51,7 @@ class TrialEventPrinter(Callback):
         result = trial.last_result or {}
         if "final" not in result and TRAINED_STEPS in result:  # ended by the scheduler
             print(
-                f"[stopped] {trial_name(trial)} by ASHA after {int(result[TRAINED_STEPS])} "
+                f"[stopped] {self.name(trial)} by ASHA after {int(result[TRAINED_STEPS])} "
                 f"trained steps ({minutes:.1f} min): teacher mAP "
                 f"{result.get(TEACHER_AP, float('nan')):.2f}",
                 flush=True,
@@ -57,7 +59,7 @@ class TrialEventPrinter(Callback):
             self._progress()
             return
         print(
-            f"[done]  {trial_name(trial)} in {minutes:.1f} min: teacher mAP "
+            f"[done]  {self.name(trial)} in {minutes:.1f} min: teacher mAP "
             f"{result.get(TEACHER_AP, float('nan')):.2f}, student mAP "
             f"{result.get(STUDENT_AP, float('nan')):.2f}",
             flush=True,
@@ -65,8 +67,12 @@ class TrialEventPrinter(Callback):
         self._progress()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        print(f"[error] {trial_name(trial)}: {_error_line(trial)}", flush=True)
+        print(f"[error] {self.name(trial)}: {_error_line(trial)}", flush=True)
         self._progress()
+
+    def name(self, trial) -> str:
+        """``10% fold 1 soft_teacher fg 0.7 var 0.02``, or Tune's id for a trial of no job."""
+        return self.titles.get(trial.config.get("job"), trial.trial_id)
 
     def _progress(self) -> None:
         self._ended += 1
@@ -88,8 +94,3 @@ def _error_line(trial) -> str:
     except (OSError, TypeError):
         lines = []
     return lines[-1].strip() if lines else f"see {trial.local_path or trial.path}"
-
-
-def trial_name(trial) -> str:
-    job = trial.config.get("job")
-    return trial.trial_id if job is None else job.point.title

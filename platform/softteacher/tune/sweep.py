@@ -3,8 +3,8 @@
 Ray 2.60 runs Train V2, where ``Tuner(trainer)`` is gone: each Tune trial is a function
 that starts its own run (``run.fit.run``) and forwards the Train reports to Tune
 (``tune/relay.py``); ``tune/trial.py`` is that function. What crosses from this driver to
-a trial is one frozen ``TrialJob`` (the grid point and its ``RunSpec``), pickled by Ray as
-it is. The sweep's name is derived from its settings, so running the same command again
+a trial is one frozen ``TrialJob`` (the grid point and its ``RunSpec``): the jobs travel
+with the trainable (``tune.with_parameters``), a trial's config names its job. The sweep's name is derived from its settings, so running the same command again
 resumes it: finished trials are not rerun.
 """
 
@@ -244,7 +244,14 @@ def _run_grid(
     again from Ray's result."""
     if not jobs:
         return SweepResult([], [])
-    trainable = tune.with_resources(run_trial, trial_resources(settings.resources))
+    # A trial's config is its job's name, and the jobs travel with the trainable: Tune
+    # keeps a restored trial's config as it was saved, and an object in it as a placeholder
+    # that a trial started in a reused process would receive as is.
+    by_name = {job.point.name: job for job in jobs}
+    printer.titles.update({name: job.point.title for name, job in by_name.items()})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, jobs=by_name), trial_resources(settings.resources)
+    )
     storage = Path(settings.results_dir) / "ray"
     experiment_path = storage / settings.name
     write_parent(parent_file(settings), parent)
@@ -256,10 +263,13 @@ def _run_grid(
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"job": tune.grid_search(jobs)},
+            param_space={"job": tune.grid_search(list(by_name))},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=max_concurrent_trials(settings.resources),
-                scheduler=asha_scheduler(settings),
+                scheduler=asha_scheduler(settings, by_name),
+                # the next trial in the finished one's process: no process start and no
+                # second import of torch, torchvision and MLflow (10-18 s a trial)
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=settings.name,
@@ -272,14 +282,11 @@ def _run_grid(
     scheduled = settings.early_stopping is not None
     finished, failed, stopped = [], [], []
     for result in grid:
-        job: TrialJob = result.config["job"]
+        job = by_name[result.config["job"]]
         metrics = result.metrics or {}
         final = {k: float(metrics[k]) for k in FINAL_METRICS if k in metrics}
         if result.error is None and "final" in metrics:
             finished.append(FinishedTrial(job.point, final))
-            # a restored experiment's jobs name the parent run they were made with, which a
-            # new or deleted MLflow store no longer holds
-            job = dataclasses.replace(job, parent=parent)
             child = find_child_run(parent, job.point.name)
             if child is None or run_status(child) != "FINISHED":
                 print(f"{job.point.name}: finished in Ray's results, not in MLflow; logged again")
@@ -299,14 +306,14 @@ def _run_grid(
     return SweepResult(finished, failed, stopped)
 
 
-def asha_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
+def asha_scheduler(settings: SweepSettings, jobs: dict[str, TrialJob]) -> ASHAScheduler | None:
     """ASHA on the teacher mAP against the steps a trial trained, or None (FIFO)."""
     stopping = settings.early_stopping
     if stopping is None:
         return None
     base = settings.base_config()
     return SweepASHA(
-        branches_only=settings.shared_burn_in,
+        unranked={name for name, job in jobs.items() if not is_ranked(job, settings)},
         time_attr=TRAINED_STEPS,
         metric=TEACHER_AP,
         mode="max",
@@ -326,12 +333,12 @@ def is_ranked(job: TrialJob, settings: SweepSettings) -> bool:
 class SweepASHA(ASHAScheduler):
     """ASHA that lets a shared burn-in's supervised roots run to their end unranked."""
 
-    def __init__(self, *, branches_only: bool, **asha: object) -> None:
+    def __init__(self, *, unranked: set[str], **asha: object) -> None:
         super().__init__(**asha)
-        self._branches_only = branches_only
+        self._unranked_jobs = unranked
 
     def _unranked(self, trial: Trial) -> bool:
-        return self._branches_only and trial.config["job"].root is None
+        return trial.config["job"] in self._unranked_jobs
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         if not self._unranked(trial):

@@ -99,11 +99,12 @@ def rebuild_child_run(job: TrialJob, final: dict[str, float], ray_result: str) -
     finish_run(child)
 
 
-def run_trial(config: dict) -> None:
-    """One Tune trial: a child MLflow run and its run (two runs for ``multi_stage``, with
-    the offline pseudo-labeling between them). A trial that raises ends its child run
-    FAILED with the reason as a tag, so no MLflow run is left RUNNING by an error."""
-    job: TrialJob = config["job"]
+def run_trial(config: dict, jobs: dict[str, TrialJob]) -> None:
+    """One Tune trial, the job ``config`` names: a child MLflow run and its run (two runs
+    for ``multi_stage``, with the offline pseudo-labeling between them). A trial that raises
+    ends its child run FAILED with the reason as a tag, so no MLflow run is left RUNNING by
+    an error."""
+    job = jobs[config["job"]]
     job = dataclasses.replace(job, parent=current_parent(job))
     point, spec = job.point, job.spec
     child = find_or_start_child_run(job.parent, point.name, params=trial_params(job))
