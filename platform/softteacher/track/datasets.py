@@ -4,14 +4,19 @@ each run's fold and ratio, and two runs on the same split show the same digest."
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy.exc
 from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from softteacher.track.mlflow_runs import RunRef, log_dataset_inputs
+from softteacher.track.mlflow_runs import RunRef, mlflow_client, with_lock_retry
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,3 +48,20 @@ def log_data_inputs(run: RunRef, splits: Sequence[DataSplit]) -> None:
         for split in splits
     ]
     log_dataset_inputs(run, inputs)
+
+
+def log_dataset_inputs(run: RunRef, inputs: Sequence[DatasetInput]) -> None:
+    """Link ``inputs`` to ``run``, the experiment's dataset rows shared between its runs.
+
+    Two trials that start side by side (a shared burn-in's pair) log the same datasets at
+    once: both find them missing and both insert them, and the loser's transaction fails on
+    the store's unique key with nothing written. Its second try finds the winner's rows.
+    """
+    client = mlflow_client(run.tracking_uri)
+    try:
+        with_lock_retry(client.log_inputs, run.run_id, datasets=list(inputs))
+    except MlflowException as error:
+        if not isinstance(error.__cause__, sqlalchemy.exc.IntegrityError):
+            raise
+        _logger.info("another run logged the same datasets at once; linking theirs")
+        with_lock_retry(client.log_inputs, run.run_id, datasets=list(inputs))

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import sqlalchemy.exc
-from mlflow.entities import DatasetInput, Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -220,23 +219,6 @@ def system_metrics(run: RunRef, interval_s: float = 10.0) -> Iterator[None]:
         yield
     finally:
         monitor.finish()
-
-
-def log_dataset_inputs(run: RunRef, inputs: Sequence[DatasetInput]) -> None:
-    """Link ``inputs`` to ``run``, the experiment's dataset rows shared between its runs.
-
-    Two trials that start side by side (a shared burn-in's pair) log the same datasets at
-    once: both find them missing and both insert them, and the loser's transaction fails on
-    the store's unique key with nothing written. Its second try finds the winner's rows.
-    """
-    client = mlflow_client(run.tracking_uri)
-    try:
-        with_lock_retry(client.log_inputs, run.run_id, datasets=list(inputs))
-    except MlflowException as error:
-        if not isinstance(error.__cause__, sqlalchemy.exc.IntegrityError):
-            raise
-        _logger.info("another run logged the same datasets at once; linking theirs")
-        with_lock_retry(client.log_inputs, run.run_id, datasets=list(inputs))
 
 
 def log_params(run: RunRef, params: Mapping[str, object]) -> None:
