@@ -7,7 +7,7 @@ written to ``<results>/ablations_<table>_<preset>_r<ratio>_f<fold>[...].{csv,md}
     python experiments/ablations.py --preset smoke --only table6 --rows multi_stage --max-steps 4
 
 Tables: table6 (Tables 5-6: supervised, multi-stage, E2E, E2E+EMA, + soft teacher, + box
-jittering), table7 (indicators), table8 (fg_thr), table9 (var_thr), table10 (n_jitter).
+jittering), table7 (indicators), table8 (cls_thr), table9 (reg_thr), table10 (n_jitter).
 Running the same command again resumes its sweeps: finished trials are not rerun. Every
 option and input file is checked before the Ray cluster starts: a bad one is one line,
 ``error: ...``, and exit status 2.

@@ -69,10 +69,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, from {', '.join(METHODS)}",
     )
     parser.add_argument(
-        "--fg-thr", type=_floats, default=None, help="foreground thresholds to sweep"
+        "--fg-thr",
+        "--cls-thr",
+        dest="cls_thrs",
+        type=_floats,
+        default=None,
+        help="foreground thresholds to sweep (method.cls_thr, which also sets method.rpn_thr; "
+        "default: the preset's)",
     )
     parser.add_argument(
-        "--var-thr", type=_floats, default=None, help="box-variance thresholds to sweep"
+        "--var-thr",
+        "--reg-thr",
+        dest="reg_thrs",
+        type=_floats,
+        default=None,
+        help="box-variance thresholds to sweep (method.reg_thr; default: the preset's)",
     )
     parser.add_argument(
         "--baseline", action="store_true", help="add the supervised run per (ratio, fold)"
@@ -118,14 +129,13 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
     )
     defaults = SweepSettings()
     overrides = tuple(args.overrides)
-    base = SweepSettings(preset=preset_name, overrides=overrides).base_config().method
     return SweepSettings(
         preset=preset_name,
         ratios=args.ratios,
         folds=args.folds,
         methods=args.method,
-        fg_thrs=args.fg_thr or (base.cls_thr,),
-        var_thrs=args.var_thr or (base.reg_thr,),
+        cls_thrs=args.cls_thrs,
+        reg_thrs=args.reg_thrs,
         baseline=args.baseline,
         shared_burn_in=args.shared_burn_in,
         coco_root=str(args.coco_root.resolve()) if args.coco_root else None,

@@ -55,8 +55,8 @@ def test_tables_hold_the_papers_rows_and_figures():
         "bg_teacher",
     ]
     assert [r.paper.mAP for r in TABLES["table7"].rows] == [31.2, 31.7, 31.6, 32.3, 25.9, 33.6]
-    assert [r.fg_thr for r in TABLES["table8"].rows] == [0.7, 0.8, 0.9, 0.95]
-    assert sorted(r.var_thr for r in TABLES["table9"].rows) == [0.01, 0.02, 0.03, 0.04]
+    assert [r.cls_thr for r in TABLES["table8"].rows] == [0.7, 0.8, 0.9, 0.95]
+    assert sorted(r.reg_thr for r in TABLES["table9"].rows) == [0.01, 0.02, 0.03, 0.04]
     assert [(r.n_jitter, r.paper.AP75) for r in TABLES["table10"].rows] == [
         (5, 37.0),
         (10, 37.3),
@@ -74,8 +74,8 @@ def test_each_row_is_its_own_trial_with_the_setting_it_ablates(key):
     for row, spec in zip(table.rows, specs):
         method = spec.apply(base).method
         assert method.method == row.method
-        assert method.cls_thr == (row.fg_thr if row.fg_thr is not None else base.method.cls_thr)
-        assert method.reg_thr == (row.var_thr if row.var_thr is not None else base.method.reg_thr)
+        assert method.cls_thr == (row.cls_thr if row.cls_thr is not None else base.method.cls_thr)
+        assert method.reg_thr == (row.reg_thr if row.reg_thr is not None else base.method.reg_thr)
         if row.indicator is not None:
             assert method.effective_indicator == row.indicator
         if row.n_jitter is not None:
@@ -301,7 +301,7 @@ def test_a_multi_stage_row_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
 
     summary_file = client.download_artifacts(child.info.run_id, "summary.json", str(tmp_path))
     summary = json.loads(Path(summary_file).read_text())["multi_stage"]
-    assert summary["pseudo_labels"]["fg_thr"] == preset("smoke").method.cls_thr
+    assert summary["pseudo_labels"]["cls_thr"] == preset("smoke").method.cls_thr
     assert summary["stage1_checkpoint"] != json.loads(Path(summary_file).read_text())["checkpoint"]
     fold = synthetic_folds(data, preset("smoke").synthetic, [10], [1])[0]  # the cached fold
     merged = load_coco(Path(summary["pseudo_label_file"]), fold.train_images)

@@ -50,7 +50,7 @@ TEACHER_AP = {
     ("soft_teacher_jitter", 10.0): (30.0, 33.0, 36.0),
 }
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
-SCATTER_RUN = "r10-f1-soft_teacher_jitter-fg0.9-var0.02"
+SCATTER_RUN = "r10-f1-soft_teacher_jitter-cls0.9-reg0.02"
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ def _trial_params(method: str, ratio: float, fold: int) -> dict[str, object]:
         "ratio": ratio,
         "fold": fold,
         "method": method,
-        "fg_thr": 0.9,
-        "var_thr": 0.02,
+        "cls_thr": 0.9,
+        "reg_thr": 0.02,
         "indicator": None,
         "n_jitter": None,
         "preset": "smoke",
@@ -81,7 +81,7 @@ def _trial_params(method: str, ratio: float, fold: int) -> dict[str, object]:
 
 
 def _add_trial(parent: RunRef, method: str, ratio: float, fold: int, teacher_ap: float) -> RunRef:
-    name = f"r{ratio:g}-f{fold}-{method}-fg0.9-var0.02"
+    name = f"r{ratio:g}-f{fold}-{method}-cls0.9-reg0.02"
     child = find_or_start_child_run(parent, name, _trial_params(method, ratio, fold))
     unlabeled = method != "supervised"
     for step in range(0, 12, 2):
@@ -131,7 +131,7 @@ def store(tmp_path_factory) -> Store:
     for (method, ratio), values in TEACHER_AP.items():
         for fold, teacher_ap in zip(FOLDS, values, strict=True):
             child = _add_trial(sweep, method, ratio, fold, teacher_ap)
-            children[f"r{ratio:g}-f{fold}-{method}-fg0.9-var0.02"] = child.run_id
+            children[f"r{ratio:g}-f{fold}-{method}-cls0.9-reg0.02"] = child.run_id
     failed = _add_trial(sweep, "supervised", 10.0, 9, 99.0)  # a crashed trial: never counted
     finish_run(failed, "FAILED")
     log_file_artifact(RunRef(uri, children[SCATTER_RUN], sweep.experiment_id), _write_boxes(folder))
@@ -213,12 +213,12 @@ def test_user_errors_name_what_is_wrong_and_the_choices(store: Store):
     with pytest.raises(NoRunsError, match="no runs under parent run 0123abcd"):
         load_runs(store.uri, ["fold_sweep"], parent_run_id="0123abcd")
     runs = load_runs(store.uri, ["fold_sweep"])
-    with pytest.raises(UnknownFieldError, match="param 'methd'.*fg_thr, fold, git_commit"):
+    with pytest.raises(UnknownFieldError, match="param 'methd'.*cls_thr, fold, git_commit"):
         group_summary(runs, ["methd"], ["final/teacher/AP"])
     with pytest.raises(UnknownFieldError, match="metric 'final/teacher/mAP'.*final/teacher/AP"):
         group_summary(runs, ["method"], ["final/teacher/mAP"])
     with pytest.raises(MissingPlotDataError, match=f"has no {PSEUDO_BOXES_ARTIFACT}"):
-        plot_pseudo_scatter(store.uri, store.children["r5-f1-supervised-fg0.9-var0.02"], Path("."))
+        plot_pseudo_scatter(store.uri, store.children["r5-f1-supervised-cls0.9-reg0.02"], Path("."))
     assert newest_parent_run(store.uri, "fold_sweep") == store.sweep.run_id
 
 

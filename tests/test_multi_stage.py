@@ -60,12 +60,12 @@ def test_kept_boxes_pass_the_threshold_and_a_higher_one_keeps_fewer(fold_sets, t
     teacher = _teacher(bias=2.0, weight_std=0.05)  # scores spread around 0.6-0.7
     cfg = preset("smoke").augment
     kept = {}
-    for fg_thr in (0.6, 0.7):
-        out = tmp_path / f"merged-{fg_thr}.json"
-        report = pseudo_label_offline(teacher, unlabeled, cfg, fg_thr, out, labeled=labeled)
+    for cls_thr in (0.6, 0.7):
+        out = tmp_path / f"merged-{cls_thr}.json"
+        report = pseudo_label_offline(teacher, unlabeled, cfg, cls_thr, out, labeled=labeled)
         pseudo = _pseudo_annotations(out, unlabeled)
         assert len(pseudo) == report.boxes_kept > 0
-        assert all(a["score"] > fg_thr for a in pseudo)
+        assert all(a["score"] > cls_thr for a in pseudo)
         assert all(a["iscrowd"] == 0 and a["bbox"][2] >= 1 and a["bbox"][3] >= 1 for a in pseudo)
         assert {a["category_id"] for a in pseudo} <= set(labeled.cat_id_to_label)
         assert len({a["id"] for a in json.loads(out.read_text())["annotations"]}) == (
@@ -75,7 +75,7 @@ def test_kept_boxes_pass_the_threshold_and_a_higher_one_keeps_fewer(fold_sets, t
         assert report.metrics()["multi_stage/pseudo_boxes_per_image"] == pytest.approx(
             report.boxes_kept / UNLABELED_IMAGES
         )
-        kept[fg_thr] = report
+        kept[cls_thr] = report
     # a partial filter: the higher threshold drops some of what the lower one kept
     assert 0 < kept[0.7].boxes_kept < kept[0.6].boxes_kept
     assert kept[0.7].boxes_dropped > kept[0.6].boxes_dropped

@@ -143,7 +143,7 @@ def trained_run(tmp_path_factory):
     val = DataSplit("10% fold 1 val", "abc123", root / "val.json", 20, "evaluation")
     exported = export_teacher(checkpoint_dir, cfg, root / "export")
     model_id = log_logged_model(
-        child, "r10-f1-soft_teacher_jitter-fg0.7", exported,
+        child, "r10-f1-soft_teacher_jitter-cls0.7", exported,
         {"teacher/AP": 12.5, "teacher/AP50": 30.0}, trained_steps=40, evaluated_on=val,
     )
     weaker = find_or_start_child_run(parent, "r10-f1-supervised", params={})
@@ -186,7 +186,7 @@ def test_the_best_logged_model_is_found_by_its_map_and_loads_as_the_teacher(trai
     best = found[0]
     assert best.status == mlflow.entities.LoggedModelStatus.READY
     assert best.source_run_id == trained_run["run"]
-    assert best.name == "r10-f1-soft_teacher_jitter-fg0_7"  # MLflow refuses '.' in a name
+    assert best.name == "r10-f1-soft_teacher_jitter-cls0_7"  # MLflow refuses '.' in a name
     linked = {m.key: (m.value, m.dataset_name) for m in best.metrics}
     assert linked["final/teacher/AP"] == (12.5, "10% fold 1 val")
     # the same values are the run's final metrics, and the run lists the model as its output

@@ -148,7 +148,7 @@ def test_ablation_overrides_reach_rows_and_names():
     plain = AblationSettings(preset="smoke")
     tuned = AblationSettings(preset="smoke", overrides=("method.reg_thr=0.05",))
     assert tuned.sweep_settings(table).overrides == tuned.overrides
-    assert {spec.var_thr for spec in tuned.specs(table)} == {0.05}  # the rows' default
+    assert {spec.reg_thr for spec in tuned.specs(table)} == {0.05}  # the rows' default
     assert tuned.sweep_name(table) != plain.sweep_name(table)
     assert tuned.table_stem(table) != plain.table_stem(table)
     assert plain.sweep_name(table) == "ablations-table8-smoke-r10-f1"
@@ -207,7 +207,7 @@ def test_resource_checks():
 
 
 def test_an_override_that_every_trial_replaces_is_refused():
-    settings = SweepSettings(preset="smoke", ratios=(10,), folds=(1,), fg_thrs=(0.5,))
+    settings = SweepSettings(preset="smoke", ratios=(10,), folds=(1,), cls_thrs=(0.5,))
     lost = dataclasses.replace(settings, overrides=("method.rpn_thr=0.3",))
     with pytest.raises(UsageError, match="--set method.rpn_thr: trial r10-f1-.* sets it to 0.5"):
         check_overrides_reach_trials(

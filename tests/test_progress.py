@@ -22,7 +22,7 @@ def _trial(**overrides) -> SimpleNamespace:
 
 
 def test_name_of_a_plain_trial() -> None:
-    assert trial_name(_trial()) == "10% fold 1 soft_teacher fg 0.7 var 0.02"
+    assert trial_name(_trial()) == "10% fold 1 soft_teacher cls_thr 0.7 reg_thr 0.02"
 
 
 def test_indicator_jitter_and_seed_rows_print_apart() -> None:
@@ -50,7 +50,8 @@ def test_progress_counts_ended_trials_of_the_whole_sweep(capsys) -> None:
     printer.on_trial_start(0, [], trial)
     printer.on_trial_complete(0, [], trial)
     out = capsys.readouterr().out
-    assert "[done]  10% fold 1 soft_teacher fg 0.7 var 0.02" in out and "teacher mAP 12.50" in out
+    assert "[done]  10% fold 1 soft_teacher cls_thr 0.7 reg_thr 0.02" in out
+    assert "teacher mAP 12.50" in out
     assert "[sweep] 1/3 trials ended" in out and "ETA" in out
 
 
@@ -62,5 +63,5 @@ def test_a_trial_the_scheduler_stopped_is_printed_as_stopped(capsys) -> None:
     printer.on_trial_start(0, [], trial)
     printer.on_trial_complete(0, [], trial)
     out = capsys.readouterr().out
-    assert "[stopped] 10% fold 1 soft_teacher fg 0.7 var 0.02 by ASHA after 50" in out
+    assert "[stopped] 10% fold 1 soft_teacher cls_thr 0.7 reg_thr 0.02 by ASHA after 50" in out
     assert "[done]" not in out and "[sweep] 1/2 trials ended" in out

@@ -110,7 +110,7 @@ def test_correlations_follow_the_constructed_trend_and_skip_unmeasured_variances
     scores = np.concatenate([scores, [0.55, 0.99]])
     variances = np.concatenate([variances, [NAN, NAN]])
     cands, gts = [_cands(boxes, scores, variances)], [_gt([gt])]
-    metrics = quality_metrics(cands, gts, fg_thr=0.9)
+    metrics = quality_metrics(cands, gts, cls_thr=0.9)
     assert metrics["pseudo_quality/iou_variance_corr"] < -0.95  # computed without them
     trend_only = quality_metrics([_cands(boxes[:8], scores[:8], variances[:8])], gts, 0.9)
     assert trend_only["pseudo_quality/iou_score_corr"] > 0.9
@@ -126,7 +126,7 @@ def test_correlations_follow_the_constructed_trend_and_skip_unmeasured_variances
 
 
 def test_quality_metrics_keys_and_counts():
-    metrics = quality_metrics(HAND_CANDS, HAND_GTS, fg_thr=0.7)
+    metrics = quality_metrics(HAND_CANDS, HAND_GTS, cls_thr=0.7)
     expected = {
         f"pseudo_quality/{kind}_{t:g}" for t in THRESHOLDS for kind in ("precision", "recall")
     } | {

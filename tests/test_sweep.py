@@ -238,7 +238,7 @@ def test_ctrl_c_ends_the_sweep_and_its_runs_killed_with_one_message(tmp_path):
     )
     assert code == 130, printed[-3000:]
     events = [line for line in printed.splitlines() if line.startswith("[")]
-    started = events.index("[start] 10% fold 1 soft_teacher_jitter fg 0.5 var 0.02")
+    started = events.index("[start] 10% fold 1 soft_teacher_jitter cls_thr 0.5 reg_thr 0.02")
     supervised_done = [i for i, e in enumerate(events) if e.startswith("[done]  10% fold 1 sup")]
     assert all(started < i for i in supervised_done)  # the two trials ran side by side
     last = printed.strip().splitlines()[-1]

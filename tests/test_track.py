@@ -71,8 +71,8 @@ def _trial_params(fold: int) -> dict[str, object]:
         "ratio": 10.0,
         "fold": fold,
         "method": "soft_teacher_jitter",
-        "fg_thr": 0.9,
-        "var_thr": 0.02,
+        "cls_thr": 0.9,
+        "reg_thr": 0.02,
         "seed": 7,
         **ExperimentConfig().flat(),
     }
@@ -345,7 +345,7 @@ def test_summarize_groups_settings_and_orders_them():
         _result(1, 10.0, 9.0, ratio=0.5),
     ]
     summaries = summarize(results)
-    keys = [(s.ratio, s.method, s.fg_thr, s.n_folds) for s in summaries]
+    keys = [(s.ratio, s.method, s.cls_thr, s.n_folds) for s in summaries]
     assert keys == [
         (0.5, "soft_teacher_jitter", 0.9, 1),
         (1.0, "supervised", 0.9, 2),
@@ -409,7 +409,7 @@ def test_table_is_logged_to_the_parent_run(tmp_path, store_dir, uri, experiment)
     parent = start_parent_run(uri, experiment, "sweep", {})
     log_tables_to_run(parent, summaries, write_tables(summaries, tmp_path / "results"))
     metrics = MlflowClient(uri).get_run(parent.run_id).data.metrics
-    key = "table/1pct/soft_teacher_jitter/fg0.9_var0.02/teacher_AP_mean"
+    key = "table/1pct/soft_teacher_jitter/cls0.9_reg0.02/teacher_AP_mean"
     assert set(table_metrics(summaries)) == set(metrics)
     assert metrics[key] == pytest.approx(summaries[0].means["teacher/AP"])
     stored = store_dir / "mlartifacts" / parent.run_id / "artifacts" / "tables"

@@ -113,8 +113,8 @@ def check_sweep(settings: SweepSettings, address: str | None) -> SweepSettings:
     check_folds("--folds", settings.folds)
     check_at_least_one("--max-steps", settings.max_steps)
     check_at_least_one("--ckpt-every", settings.ckpt_every)
-    check_thresholds("--fg-thr", settings.fg_thrs)
-    check_thresholds("--var-thr", settings.var_thrs)
+    check_thresholds("--fg-thr", settings.cls_thrs)
+    check_thresholds("--var-thr", settings.reg_thrs)
     check_resources(
         settings.resources,
         cuda_available=torch.cuda.is_available(),

@@ -148,7 +148,7 @@ def box_samples(cands: Sequence[CandidateBoxes], gts: Sequence[GroundTruth]) -> 
 
 
 def quality_metrics(
-    cands: Sequence[CandidateBoxes], gts: Sequence[GroundTruth], fg_thr: float
+    cands: Sequence[CandidateBoxes], gts: Sequence[GroundTruth], cls_thr: float
 ) -> dict[str, float]:
     """The live Figure 3 as MLflow metrics, all under ``pseudo_quality/``:
 
@@ -163,7 +163,7 @@ def quality_metrics(
         precision, recall = precision_recall(cands, gts, threshold)
         metrics[f"{PREFIX}/precision_{threshold:g}"] = precision
         metrics[f"{PREFIX}/recall_{threshold:g}"] = recall
-    precision, recall = precision_recall(cands, gts, fg_thr)
+    precision, recall = precision_recall(cands, gts, cls_thr)
     metrics[f"{PREFIX}/precision_fg"] = precision
     metrics[f"{PREFIX}/recall_fg"] = recall
 

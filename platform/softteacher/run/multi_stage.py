@@ -1,7 +1,7 @@
 """Paper Table 5's multi-stage baseline (STAC-like) as a run of its own kind.
 
 A supervised run on the labeled fold; its teacher pseudo-labels the unlabeled set once,
-offline, keeping boxes with score > ``fg_thr`` (``run/offline_labels.py``); a second
+offline, keeping boxes with score > ``cls_thr`` (``run/offline_labels.py``); a second
 supervised run on labeled + pseudo-labeled images, whose metrics are the trial's.
 
 Each supervised run trains for the preset's ``max_steps``: the paper does not say how long
@@ -32,7 +32,7 @@ from softteacher.track.mlflow_runs import log_metrics
 
 
 def run_multi_stage(
-    spec: RunSpec, fg_thr: float, work_dir: Path, callbacks: list | None = None
+    spec: RunSpec, cls_thr: float, work_dir: Path, callbacks: list | None = None
 ) -> tuple[RunResult, dict]:
     """Both stages and the labeling pass between them; returns the second stage's result
     and a summary of the first stage and the pseudo labels. ``work_dir`` holds the pseudo
@@ -49,12 +49,12 @@ def run_multi_stage(
         stage1 = {f"multi_stage/stage1/{k}": v for k, v in first.metrics.items()}
         log_metrics(spec.tracking, stage1, step=0)
     out_file = Path(work_dir) / "pseudo_labels" / f"{spec.name}.json"
-    report = _label_as_ray_task(spec, supervised, first.checkpoint, fg_thr, out_file)
+    report = _label_as_ray_task(spec, supervised, first.checkpoint, cls_thr, out_file)
     if spec.tracking is not None:
         log_metrics(spec.tracking, report.metrics(), step=0)
     print(
         f"{spec.name}: {report.boxes_kept} pseudo boxes on {report.images} unlabeled images "
-        f"(score > {fg_thr:g}) in {out_file}",
+        f"(score > {cls_thr:g}) in {out_file}",
         flush=True,
     )
     merged = write_shards(load_coco(out_file, spec.fold.train_images), Path(work_dir) / "shards")
@@ -75,7 +75,7 @@ def _label_as_ray_task(
     spec: RunSpec,
     cfg: ExperimentConfig,
     checkpoint: ray.train.Checkpoint,
-    fg_thr: float,
+    cls_thr: float,
     out_file: Path,
 ) -> PseudoLabelReport:
     """The offline pass as a Ray task holding one Train worker's CPUs (and GPU): the trial's
@@ -88,7 +88,7 @@ def _label_as_ray_task(
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )
     return ray.get(
-        task.remote(cfg, spec.fold, checkpoint, fg_thr, out_file, resources.threads_per_worker)
+        task.remote(cfg, spec.fold, checkpoint, cls_thr, out_file, resources.threads_per_worker)
     )
 
 
@@ -96,10 +96,10 @@ def _label_task(
     cfg: ExperimentConfig,
     fold: FoldData,
     checkpoint: ray.train.Checkpoint,
-    fg_thr: float,
+    cls_thr: float,
     out_file: Path,
     threads: int,
 ) -> PseudoLabelReport:
     torch.set_num_threads(threads)
     with checkpoint.as_directory() as directory:
-        return label_fold_from_checkpoint(cfg, fold, Path(directory), fg_thr, out_file)
+        return label_fold_from_checkpoint(cfg, fold, Path(directory), cls_thr, out_file)

@@ -41,11 +41,11 @@ class PseudoLabelError(ValueError):
 
 @dataclass(frozen=True)
 class PseudoLabelReport:
-    """What the offline pass kept: ``boxes_dropped`` scored at or below ``fg_thr``,
+    """What the offline pass kept: ``boxes_dropped`` scored at or below ``cls_thr``,
     ``boxes_too_small`` passed it but have a side under ``MIN_PSEUDO_BOX_SIDE`` pixels."""
 
     out_file: Path
-    fg_thr: float
+    cls_thr: float
     images: int
     images_with_boxes: int
     boxes_kept: int
@@ -80,12 +80,12 @@ def pseudo_label_offline(
     model: torch.nn.Module,
     unlabeled: CocoDataset,
     augment_cfg: AugmentConfig,
-    fg_thr: float,
+    cls_thr: float,
     out_file: Path,
     *,
     labeled: CocoDataset,
 ) -> PseudoLabelReport:
-    """Detect on every unlabeled image once, keep boxes with score > ``fg_thr``, and write
+    """Detect on every unlabeled image once, keep boxes with score > ``cls_thr``, and write
     ``out_file``: the labeled fold file unchanged plus the unlabeled images, each with its
     pseudo boxes as annotations (``iscrowd`` 0, ``score`` kept). Replaced atomically."""
     check_same_categories(labeled, unlabeled)
@@ -99,7 +99,7 @@ def pseudo_label_offline(
             unlabeled, records=unlabeled.records[start : start + LABELING_CHUNK_IMAGES]
         )
         for detection in predict(model, chunk, augment_cfg):
-            if detection["score"] <= fg_thr:
+            if detection["score"] <= cls_thr:
                 dropped += 1
                 continue
             width, height = detection["bbox"][2:]
@@ -118,7 +118,7 @@ def pseudo_label_offline(
     write_atomically(Path(out_file), json.dumps(merged, separators=(",", ":")))
     return PseudoLabelReport(
         out_file=Path(out_file),
-        fg_thr=float(fg_thr),
+        cls_thr=float(cls_thr),
         images=len(images),
         images_with_boxes=len({a["image_id"] for a in pseudo}),
         boxes_kept=len(pseudo),
@@ -146,7 +146,7 @@ def label_fold_from_checkpoint(
     cfg: ExperimentConfig,
     fold: FoldData,
     checkpoint_dir: Path,
-    fg_thr: float,
+    cls_thr: float,
     out_file: Path,
     device: torch.device | None = None,
 ) -> PseudoLabelReport:
@@ -155,7 +155,7 @@ def label_fold_from_checkpoint(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     labeled, unlabeled, _ = fold.load()
     teacher = teacher_from_checkpoint(cfg, checkpoint_dir, device)
-    return pseudo_label_offline(teacher, unlabeled, cfg.augment, fg_thr, out_file, labeled=labeled)
+    return pseudo_label_offline(teacher, unlabeled, cfg.augment, cls_thr, out_file, labeled=labeled)
 
 
 def _check_disjoint(labeled: CocoDataset, unlabeled: CocoDataset) -> None:

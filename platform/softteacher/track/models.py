@@ -24,12 +24,12 @@ from softteacher.track.mlflow_runs import (
 )
 
 MODEL_TYPE = "softteacher-faster-rcnn-teacher"
-# characters MLflow refuses in a model name (a trial's ``fg0.7`` has one)
+# characters MLflow refuses in a model name (a trial's ``cls0.7`` has one)
 _NAME_BAD_CHARS = re.compile(r"[/:.%\"']")
 
 
 def model_name(trial_name: str) -> str:
-    """The trial's name as MLflow accepts it for a model: ``r10-f1-...-fg0_7-var0_02``."""
+    """The trial's name as MLflow accepts it for a model: ``r10-f1-...-cls0_7-reg0_02``."""
     return _NAME_BAD_CHARS.sub("_", trial_name).strip() or "teacher"
 
 

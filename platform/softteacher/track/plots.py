@@ -55,7 +55,6 @@ PLOTS_ARTIFACT_PATH = "plots"
 # keys that vary per fold or run, never a line of their own in the mAP-vs-ratio plot
 _PER_FOLD_KEYS = ("ratio", "fold", "seed")
 _THRESHOLD_KEY = re.compile(r"pseudo_quality/(precision|recall)_(\d+(?:\.\d+)?)")
-_FG_THR_PARAMS = ("method.cls_thr", "fg_thr")
 _UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 _DPI = 100
 
@@ -162,7 +161,7 @@ def plot_training_curves(
 def plot_pseudo_precision_recall(tracking_uri: str, run_ids: Sequence[str], out: Path) -> Path:
     """Fig. 3a: precision and recall of the pseudo boxes vs the foreground-score threshold,
     from each run's latest ``pseudo_quality/precision_<t>``/``recall_<t>``; a star marks the
-    run's own ``fg_thr`` (``precision_fg``/``recall_fg``)."""
+    run's own ``cls_thr`` (``precision_fg``/``recall_fg``)."""
     client = MlflowClient(tracking_uri)
     runs = [_get_run(client, tracking_uri, run_id) for run_id in run_ids]
     with_data = [run for run in runs if _threshold_curves(run.data.metrics)]
@@ -182,12 +181,12 @@ def plot_pseudo_precision_recall(tracking_uri: str, run_ids: Sequence[str], out:
                 values = [curve[t] for t in thresholds]
                 ax.plot(thresholds, values, style, color=color, label=f"{name} {kind}", ms=4)
             at_fg = run.data.metrics.get(f"pseudo_quality/{kind}_fg")
-            fg_thr = _fg_thr(run)
-            if at_fg is not None and fg_thr is not None:
-                ax.plot([fg_thr], [at_fg], "*", color=color, ms=12, mec="black", mew=0.5)
+            cls_thr = _cls_thr(run)
+            if at_fg is not None and cls_thr is not None:
+                ax.plot([cls_thr], [at_fg], "*", color=color, ms=12, mec="black", mew=0.5)
     ax.set_xlabel("foreground score threshold")
     ax.set_ylabel("precision / recall")
-    ax.set_title("Pseudo-box precision and recall vs threshold (Fig. 3a; star: run's fg_thr)")
+    ax.set_title("Pseudo-box precision and recall vs threshold (Fig. 3a; star: run's cls_thr)")
     ax.grid(True, alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2, fontsize="small")
     return _save(fig, out)
@@ -339,13 +338,11 @@ def _threshold_curves(metrics: dict[str, float]) -> dict[str, dict[float, float]
     return curves
 
 
-def _fg_thr(run: Run) -> float | None:
-    for name in _FG_THR_PARAMS:
-        try:
-            return float(run.data.params[name])
-        except (KeyError, ValueError):
-            continue
-    return None
+def _cls_thr(run: Run) -> float | None:
+    try:
+        return float(run.data.params["method.cls_thr"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _read_boxes(path: Path, run_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

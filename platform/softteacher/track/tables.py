@@ -29,7 +29,7 @@ from softteacher.track.mlflow_runs import (
 from softteacher.track.render import markdown_table, plain_table
 
 DEFAULT_METRICS = (TEACHER_AP, STUDENT_AP)
-_KEY_COLUMNS = ("ratio %", "method", "fg_thr", "var_thr", "folds")
+_KEY_COLUMNS = ("ratio %", "method", "cls_thr", "reg_thr", "folds")
 
 
 class DuplicateFoldError(ValueError):
@@ -43,8 +43,8 @@ class TrialResult:
     ratio: float
     fold: int
     method: str
-    fg_thr: float
-    var_thr: float
+    cls_thr: float
+    reg_thr: float
     metrics: dict[str, float]
     seed: int | None = None  # None: the preset's
     # an early-stopping scheduler ended it at this step: listed, never averaged in
@@ -58,8 +58,8 @@ class FoldSummary:
 
     ratio: float
     method: str
-    fg_thr: float
-    var_thr: float
+    cls_thr: float
+    reg_thr: float
     n_folds: int
     folds: tuple[int, ...]
     means: dict[str, float]
@@ -86,7 +86,7 @@ def summarize(
     groups: dict[tuple[float, str, float, float], dict[tuple, TrialResult]] = {}
     stopped: dict[tuple[float, str, float, float], int] = {}
     for result in results:
-        key = (result.ratio, result.method, result.fg_thr, result.var_thr)
+        key = (result.ratio, result.method, result.cls_thr, result.reg_thr)
         runs = groups.setdefault(key, {})
         if result.stopped_at is not None:
             stopped[key] = stopped.get(key, 0) + 1
@@ -96,13 +96,13 @@ def summarize(
             seed = "" if result.seed is None else f" seed {result.seed}"
             raise DuplicateFoldError(
                 f"fold {result.fold}{seed} of setting ratio={result.ratio}% "
-                f"method={result.method} fg_thr={result.fg_thr} var_thr={result.var_thr} "
+                f"method={result.method} cls_thr={result.cls_thr} reg_thr={result.reg_thr} "
                 "appears twice; pass one result per trial (e.g. only FINISHED child runs)"
             )
         runs[replicate] = result
 
     summaries = []
-    for (ratio, method, fg_thr, var_thr), runs in sorted(groups.items(), key=_setting_order):
+    for (ratio, method, cls_thr, reg_thr), runs in sorted(groups.items(), key=_setting_order):
         folds = tuple(sorted({fold for fold, _ in runs}))
         means, stds, per_fold, seed_stds = {}, {}, {}, {}
         for metric in metrics:
@@ -125,8 +125,8 @@ def summarize(
             FoldSummary(
                 ratio,
                 method,
-                fg_thr,
-                var_thr,
+                cls_thr,
+                reg_thr,
                 len(folds),
                 folds,
                 means,
@@ -134,7 +134,7 @@ def summarize(
                 per_fold,
                 n_runs=len(runs),
                 seed_stds=seed_stds,
-                n_stopped=stopped.get((ratio, method, fg_thr, var_thr), 0),
+                n_stopped=stopped.get((ratio, method, cls_thr, reg_thr), 0),
             )
         )
     return summaries
@@ -177,7 +177,7 @@ def log_tables_to_run(
 ) -> None:
     """Attach the table files to the sweep's parent run (under ``tables/``) and log each
     setting's means and stds as its metrics, e.g. ``table/1pct/soft_teacher_jitter/
-    fg0.9_var0.02/teacher_AP_mean``."""
+    cls0.9_reg0.02/teacher_AP_mean``."""
     for path in paths.values():
         log_file_artifact(run, path, artifact_path="tables")
     log_metrics(run, table_metrics(summaries), step)
@@ -187,7 +187,7 @@ def table_metrics(summaries: Iterable[FoldSummary]) -> dict[str, float]:
     """Parent-run metric name -> value, keys already valid MLflow keys."""
     metrics = {}
     for s in summaries:
-        prefix = f"table/{s.ratio:g}%/{s.method}/fg{s.fg_thr:g}_var{s.var_thr:g}"
+        prefix = f"table/{s.ratio:g}%/{s.method}/cls{s.cls_thr:g}_reg{s.reg_thr:g}"
         for metric, mean in s.means.items():
             name = _flat_name(metric)
             metrics[sanitize_key(f"{prefix}/{name}_mean")] = mean
@@ -196,9 +196,9 @@ def table_metrics(summaries: Iterable[FoldSummary]) -> dict[str, float]:
 
 
 def _setting_order(item) -> tuple:
-    (ratio, method, fg_thr, var_thr), _ = item
+    (ratio, method, cls_thr, reg_thr), _ = item
     known = method in METHODS
-    return (ratio, 0 if known else 1, METHODS.index(method) if known else method, fg_thr, var_thr)
+    return (ratio, 0 if known else 1, METHODS.index(method) if known else method, cls_thr, reg_thr)
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -237,7 +237,7 @@ def _metric_names(summaries: Sequence[FoldSummary]) -> list[str]:
 
 
 def _row_cells(s: FoldSummary, with_stopped: bool) -> list[str]:
-    cells = [f"{s.ratio:g}", s.method, f"{s.fg_thr:g}", f"{s.var_thr:g}", str(s.n_folds)]
+    cells = [f"{s.ratio:g}", s.method, f"{s.cls_thr:g}", f"{s.reg_thr:g}", str(s.n_folds)]
     if with_stopped:
         cells.append(str(s.n_stopped))
     for metric in _metric_names([s]):
@@ -250,7 +250,7 @@ def _row_cells(s: FoldSummary, with_stopped: bool) -> list[str]:
 
 def _csv_text(summaries: Sequence[FoldSummary]) -> str:
     metrics = _metric_names(summaries)
-    fields = ["ratio", "method", "fg_thr", "var_thr", "n_folds", "folds", "n_runs", "n_stopped"]
+    fields = ["ratio", "method", "cls_thr", "reg_thr", "n_folds", "folds", "n_runs", "n_stopped"]
     for metric in metrics:
         name = _flat_name(metric)
         fields += [f"{name}_mean", f"{name}_std", f"{name}_seed_std"]
@@ -261,8 +261,8 @@ def _csv_text(summaries: Sequence[FoldSummary]) -> str:
         row = {
             "ratio": s.ratio,
             "method": s.method,
-            "fg_thr": s.fg_thr,
-            "var_thr": s.var_thr,
+            "cls_thr": s.cls_thr,
+            "reg_thr": s.reg_thr,
             "n_folds": s.n_folds,
             "folds": " ".join(str(f) for f in s.folds),
             "n_runs": s.n_runs,
@@ -281,8 +281,8 @@ def _as_record(s: FoldSummary) -> dict:
     return {
         "ratio": s.ratio,
         "method": s.method,
-        "fg_thr": s.fg_thr,
-        "var_thr": s.var_thr,
+        "cls_thr": s.cls_thr,
+        "reg_thr": s.reg_thr,
         "n_folds": s.n_folds,
         "folds": list(s.folds),
         "means": {m: s.means.get(m) for m in s.metric_names},

@@ -36,8 +36,8 @@ class AblationRow:
     label: str
     paper: PaperFigures
     method: str
-    fg_thr: float | None = None
-    var_thr: float | None = None
+    cls_thr: float | None = None
+    reg_thr: float | None = None
     indicator: str | None = None
     n_jitter: int | None = None
 
@@ -52,8 +52,8 @@ class AblationRow:
             ratio=ratio,
             fold=fold,
             method=self.method,
-            fg_thr=defaults.cls_thr if self.fg_thr is None else self.fg_thr,
-            var_thr=defaults.reg_thr if self.var_thr is None else self.var_thr,
+            cls_thr=defaults.cls_thr if self.cls_thr is None else self.cls_thr,
+            reg_thr=defaults.reg_thr if self.reg_thr is None else self.reg_thr,
             indicator=self.indicator,
             n_jitter=self.n_jitter,
         )
@@ -130,9 +130,9 @@ TABLES: dict[str, AblationTable] = {
         AblationTable(
             "table8",
             "Table 8: foreground score threshold (soft teacher)",
-            "fg_thr",
+            "cls_thr",
             tuple(
-                AblationRow(f"{thr:g}", f"{thr:.2f}", figures, "soft_teacher", fg_thr=thr)
+                AblationRow(f"{thr:g}", f"{thr:.2f}", figures, "soft_teacher", cls_thr=thr)
                 for thr, figures in (
                     (0.7, _paper(29.9, 48.6, 32.1)),
                     (0.8, _paper(33.2, 52.8, 35.9)),
@@ -144,9 +144,9 @@ TABLES: dict[str, AblationTable] = {
         AblationTable(
             "table9",
             "Table 9: box-regression variance threshold (soft teacher + box jittering)",
-            "var_thr",
+            "reg_thr",
             tuple(
-                AblationRow(f"{thr:g}", f"{thr:.2f}", figures, "soft_teacher_jitter", var_thr=thr)
+                AblationRow(f"{thr:g}", f"{thr:.2f}", figures, "soft_teacher_jitter", reg_thr=thr)
                 for thr, figures in (
                     (0.04, _paper(33.8, 52.3, 36.7)),
                     (0.03, _paper(34.0, 52.5, 36.9)),

@@ -5,7 +5,7 @@ Each table is data here: its rows, what each row changes in a trial, and the pap
 sweep (``run_sweep`` with explicit trial specs, MLflow experiment ``ablations``), and is
 printed and written with our teacher's mAP, AP50 and AP75 beside the paper's.
 
-Rows the paper does not pin are filled from the preset: the foreground threshold (``fg_thr``,
+Rows the paper does not pin are filled from the preset: the foreground threshold (``cls_thr``,
 which serves the classification and RPN pseudo boxes) and the box-variance threshold default
 to the preset's ``cls_thr`` and ``reg_thr``, as in ``experiments/fold_sweep.py``.
 """

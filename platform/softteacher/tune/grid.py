@@ -26,8 +26,8 @@ class TrialSpec:
     ratio: float
     fold: int
     method: str
-    fg_thr: float
-    var_thr: float
+    cls_thr: float
+    reg_thr: float
     indicator: str | None = None  # None: the preset's (BG-T)
     n_jitter: int | None = None  # None: the preset's
     seed: int | None = None  # None: the preset's
@@ -37,15 +37,16 @@ class TrialSpec:
     @property
     def name(self) -> str:
         """The trial's identity in file, run and MLflow names: ``r10-f1-supervised-...``."""
-        name = f"r{self.ratio:g}-f{self.fold}-{self.method}-fg{self.fg_thr:g}-var{self.var_thr:g}"
+        name = f"r{self.ratio:g}-f{self.fold}-{self.method}-cls{self.cls_thr:g}-reg{self.reg_thr:g}"
         return name + "".join(f"-{short}" for short, _ in self._set_fields())
 
     @property
     def title(self) -> str:
-        """The trial as the terminal shows it: ``10% fold 1 supervised fg 0.7 var 0.02``."""
+        """The trial as the terminal shows it:
+        ``10% fold 1 supervised cls_thr 0.7 reg_thr 0.02``."""
         title = (
             f"{self.ratio:g}% fold {self.fold} {self.method} "
-            f"fg {self.fg_thr:g} var {self.var_thr:g}"
+            f"cls_thr {self.cls_thr:g} reg_thr {self.reg_thr:g}"
         )
         return title + "".join(f" {long}" for _, long in self._set_fields())
 
@@ -65,9 +66,9 @@ class TrialSpec:
         """The paper's foreground threshold serves the classification and RPN pseudo boxes."""
         changes = {
             "method": self.method,
-            "cls_thr": self.fg_thr,
-            "rpn_thr": self.fg_thr,
-            "reg_thr": self.var_thr,
+            "cls_thr": self.cls_thr,
+            "rpn_thr": self.cls_thr,
+            "reg_thr": self.reg_thr,
         }
         if self.indicator is not None:
             changes["indicator"] = self.indicator
@@ -135,8 +136,10 @@ class SweepSettings:
     ratios: tuple[float, ...] = (1.0, 5.0, 10.0)
     folds: tuple[int, ...] = (1, 2, 3, 4, 5)
     methods: tuple[str, ...] = ("soft_teacher_jitter",)
-    fg_thrs: tuple[float, ...] = (0.9,)
-    var_thrs: tuple[float, ...] = (0.02,)
+    # the thresholds to sweep (None: the preset's ``method.cls_thr`` / ``method.reg_thr``,
+    # after ``overrides``); resolved on construction, so the library and the CLI agree
+    cls_thrs: tuple[float, ...] | None = None
+    reg_thrs: tuple[float, ...] | None = None
     # replicates: every trial once a seed (None: the preset's seed only)
     seeds: tuple[int, ...] | None = None
     baseline: bool = False
@@ -154,6 +157,14 @@ class SweepSettings:
     sweep_name: str | None = None
     early_stopping: EarlyStopping | None = None  # None: every trial runs to the end
 
+    def __post_init__(self) -> None:
+        if self.cls_thrs is None or self.reg_thrs is None:
+            method = apply_overrides(preset(self.preset), self.overrides).method
+            if self.cls_thrs is None:
+                object.__setattr__(self, "cls_thrs", (method.cls_thr,))
+            if self.reg_thrs is None:
+                object.__setattr__(self, "reg_thrs", (method.reg_thr,))
+
     def base_config(self) -> ExperimentConfig:
         cfg = preset(self.preset)
         train_changes = {}
@@ -167,12 +178,12 @@ class SweepSettings:
     def trial_specs(self) -> list[TrialSpec]:
         seeds = self.seeds or (None,)
         specs = [
-            TrialSpec(r, f, m, fg, var, seed=s)
+            TrialSpec(r, f, m, cls, reg, seed=s)
             for r in self.ratios
             for f in self.folds
             for m in self.methods
-            for fg in self.fg_thrs
-            for var in self.var_thrs
+            for cls in self.cls_thrs
+            for reg in self.reg_thrs
             for s in seeds
         ]
         if self.baseline and "supervised" not in self.methods:

@@ -71,7 +71,8 @@ class TrialEventPrinter(Callback):
         self._progress()
 
     def name(self, trial) -> str:
-        """``10% fold 1 soft_teacher fg 0.7 var 0.02``, or Tune's id for a trial of no job."""
+        """``10% fold 1 soft_teacher cls_thr 0.7 reg_thr 0.02``, or Tune's id for a trial of
+        no job."""
         return self.titles.get(trial.config.get("job"), trial.trial_id)
 
     def _progress(self) -> None:

@@ -1,11 +1,12 @@
-"""The fold sweep: ratio x fold x fg_thr x var_thr (x method x seed) on Ray Tune.
+"""The fold sweep: ratio x fold x cls_thr x reg_thr (x method x seed) on Ray Tune.
 
 Ray 2.60 runs Train V2, where ``Tuner(trainer)`` is gone: each Tune trial is a function
 that starts its own run (``run.fit.run``) and forwards the Train reports to Tune
 (``tune/relay.py``); ``tune/trial.py`` is that function. What crosses from this driver to
 a trial is one frozen ``TrialJob`` (the grid point and its ``RunSpec``): the jobs travel
-with the trainable (``tune.with_parameters``), a trial's config names its job. The sweep's name is derived from its settings, so running the same command again
-resumes it: finished trials are not rerun.
+with the trainable (``tune.with_parameters``), a trial's config names its job. The sweep's
+name is derived from its settings, so running the same command again resumes it: finished
+trials are not rerun.
 """
 
 from __future__ import annotations
@@ -432,7 +433,7 @@ def max_concurrent_trials(resources: WorkerResources) -> int:
 def table_row(trial: FinishedTrial) -> TrialResult:
     spec = trial.spec
     return TrialResult(
-        spec.ratio, spec.fold, spec.label, spec.fg_thr, spec.var_thr, trial.metrics, spec.seed
+        spec.ratio, spec.fold, spec.label, spec.cls_thr, spec.reg_thr, trial.metrics, spec.seed
     )
 
 
@@ -442,8 +443,8 @@ def stopped_row(trial: StoppedTrial) -> TrialResult:
         spec.ratio,
         spec.fold,
         spec.label,
-        spec.fg_thr,
-        spec.var_thr,
+        spec.cls_thr,
+        spec.reg_thr,
         trial.metrics,
         spec.seed,
         stopped_at=trial.trained_steps,

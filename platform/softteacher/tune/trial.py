@@ -74,16 +74,18 @@ def current_parent(job: TrialJob) -> RunRef:
 
 
 def trial_params(job: TrialJob) -> dict[str, object]:
-    """The MLflow params of the trial's child run: its grid point and its whole config."""
-    return (
-        dataclasses.asdict(job.point)
-        | {
-            "preset": job.preset,
-            "seed": job.spec.config.train.seed,
-            "git_commit": git_commit(PROJECT_ROOT),
-        }
-        | job.spec.config.flat()
-    )
+    """The MLflow params of the trial's child run: its whole config under the config's own
+    names (``method.cls_thr``, ``train.seed``, ...), plus what the config does not hold (the
+    data's ratio and fold) and the short keys a runs table is filtered and grouped by."""
+    cfg = job.spec.config
+    return {
+        "ratio": job.point.ratio,
+        "fold": job.point.fold,
+        "method": cfg.method.method,
+        "seed": cfg.train.seed,
+        "preset": job.preset,
+        "git_commit": git_commit(PROJECT_ROOT),
+    } | cfg.flat()
 
 
 def rebuild_child_run(job: TrialJob, final: dict[str, float], ray_result: str) -> None:
@@ -198,7 +200,7 @@ def _fit_trial(job: TrialJob, spec: RunSpec) -> tuple[RunResult, dict]:
     if job.point.method == "multi_stage":
         result, summary["multi_stage"] = fit_reporting_to_tune(
             lambda callbacks: run_multi_stage(
-                spec, job.point.fg_thr, Path(job.work_dir), callbacks
+                spec, job.point.cls_thr, Path(job.work_dir), callbacks
             ),
             with_trained_steps,
         )
