@@ -34,6 +34,7 @@ from softteacher.tune.cluster import (
     default_preset_and_resources,
     start_or_join,
 )
+from softteacher.tune.grid import SweepSettings
 from softteacher.tune.options import seeds_of, shared_options
 from softteacher.tune.sweep import exit_on_interrupt
 
@@ -81,11 +82,11 @@ def settings_from_args(args: argparse.Namespace) -> AblationSettings:
         gpus_per_worker=args.gpus_per_worker,
         max_failures=args.max_failures,
     )
-    defaults = AblationSettings()
-    return AblationSettings(
+    defaults = SweepSettings()
+    sweep = SweepSettings(
         preset=preset_name,
-        ratio=args.ratio,
-        fold=args.fold,
+        ratios=(args.ratio,),
+        folds=(args.fold,),
         results_dir=str((args.results_dir or Path(defaults.results_dir)).resolve()),
         data_dir=str((args.data_dir or Path(defaults.data_dir)).resolve()),
         coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
@@ -93,9 +94,10 @@ def settings_from_args(args: argparse.Namespace) -> AblationSettings:
         max_steps=args.max_steps,
         overrides=tuple(args.overrides),
         shared_burn_in=args.shared_burn_in,
-        branch_from=str(args.branch_from.resolve()) if args.branch_from else None,
         seeds=seeds_of(args),
     )
+    branch_from = str(args.branch_from.resolve()) if args.branch_from else None
+    return AblationSettings(sweep, branch_from=branch_from)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         port = None if joins_cluster(args.address) else choose_dashboard_port(args.dashboard_port)
     with exit_on_usage_error(ClusterAuthError):
         dashboard = start_or_join(args.address, args.num_cpus, port)
-    if joins_cluster(args.address) and (warning := placement_warning(settings.resources)):
+    if joins_cluster(args.address) and (warning := placement_warning(settings.sweep.resources)):
         print(f"warning: {warning}", file=sys.stderr)
     if dashboard:
         print(f"Ray dashboard: {dashboard}")

@@ -31,7 +31,16 @@ from softteacher.tune.ablations import (
     select_tables,
     write_ablation_table,
 )
+from softteacher.tune.grid import SweepSettings
 from softteacher.tune.sweep import FinishedTrial
+
+
+def ablation(
+    *, ratio: float = 10.0, fold: int = 1, branch_from: str | None = None, **sweep
+) -> AblationSettings:
+    """An ablation request as ``experiments/ablations.py`` builds one from its options."""
+    settings = SweepSettings(ratios=(ratio,), folds=(fold,), **sweep)
+    return AblationSettings(settings, branch_from=branch_from)
 
 
 def test_tables_hold_the_papers_rows_and_figures():
@@ -66,7 +75,7 @@ def test_tables_hold_the_papers_rows_and_figures():
 
 @pytest.mark.parametrize("key", list(TABLES))
 def test_each_row_is_its_own_trial_with_the_setting_it_ablates(key):
-    settings = AblationSettings(preset="smoke", ratio=10.0, fold=1)
+    settings = ablation(preset="smoke", ratio=10.0, fold=1)
     table = TABLES[key]
     specs = settings.specs(table)
     assert len({s.name for s in specs}) == len(specs)  # no two rows share a trial
@@ -88,29 +97,29 @@ def test_each_row_is_its_own_trial_with_the_setting_it_ablates(key):
 def test_sweep_names_change_with_what_changes_the_trials():
     table = TABLES["table10"]
     names = {
-        AblationSettings(preset="cpu").sweep_name(table),
-        AblationSettings(preset="cpu", max_steps=4).sweep_name(table),
-        AblationSettings(preset="cpu", fold=2).sweep_name(table),
-        AblationSettings(preset="cpu").sweep_name(table.select(["5"]), partial=True),
-        AblationSettings(preset="cpu", shared_burn_in=True).sweep_name(table),
-        AblationSettings(preset="cpu", seeds=(3,)).sweep_name(table),
-        AblationSettings(preset="cpu", seeds=(3, 4)).sweep_name(table),
+        ablation(preset="cpu").sweep_name(table),
+        ablation(preset="cpu", max_steps=4).sweep_name(table),
+        ablation(preset="cpu", fold=2).sweep_name(table),
+        ablation(preset="cpu").sweep_name(table.select(["5"]), partial=True),
+        ablation(preset="cpu", shared_burn_in=True).sweep_name(table),
+        ablation(preset="cpu", seeds=(3,)).sweep_name(table),
+        ablation(preset="cpu", seeds=(3, 4)).sweep_name(table),
     }
     assert len(names) == 7
-    seeded = AblationSettings(preset="cpu", seeds=(3,))
+    seeded = ablation(preset="cpu", seeds=(3,))
     assert {spec.seed for spec in seeded.specs(table)} == {3}
     assert seeded.table_stem(table).endswith("_s3")
-    assert AblationSettings(shared_burn_in=True).sweep_settings(table).shared_burn_in
+    assert ablation(shared_burn_in=True).sweep_settings(table).shared_burn_in
 
 
 def test_table_files_of_other_folds_and_schedules_never_overwrite_each_other():
     table = TABLES["table6"]
     stems = [
-        AblationSettings(preset="bench").table_stem(table),
-        AblationSettings(preset="bench", fold=2).table_stem(table),
-        AblationSettings(preset="bench", ratio=5).table_stem(table),
-        AblationSettings(preset="bench", max_steps=3500).table_stem(table),
-        AblationSettings(preset="bench").table_stem(table.select(["e2e"]), partial=True),
+        ablation(preset="bench").table_stem(table),
+        ablation(preset="bench", fold=2).table_stem(table),
+        ablation(preset="bench", ratio=5).table_stem(table),
+        ablation(preset="bench", max_steps=3500).table_stem(table),
+        ablation(preset="bench").table_stem(table.select(["e2e"]), partial=True),
     ]
     assert len(set(stems)) == len(stems)
     assert stems[0] == "ablations_table6_bench_r10_f1"
@@ -122,7 +131,7 @@ def test_rows_branch_off_a_given_burn_in_checkpoint_except_multi_stage(tmp_path)
     trainer = SoftTeacherTrainer(smoke, torch.device("cpu"))
     trainer.step_count = smoke.method.burn_in_steps
     save_checkpoint(trainer, tmp_path / "burn_in")
-    settings = AblationSettings(preset="smoke", branch_from=str(tmp_path / "burn_in"))
+    settings = ablation(preset="smoke", branch_from=str(tmp_path / "burn_in"))
     settings.check_branch_point()
     table = TABLES["table6"]
     specs = settings.specs(table)
@@ -130,16 +139,16 @@ def test_rows_branch_off_a_given_burn_in_checkpoint_except_multi_stage(tmp_path)
         row.method: (None if row.method == "multi_stage" else str(tmp_path / "burn_in"))
         for row in table.rows
     }
-    assert settings.sweep_name(table) != AblationSettings(preset="smoke").sweep_name(table)
+    assert settings.sweep_name(table) != ablation(preset="smoke").sweep_name(table)
 
     trainer.step_count += 1
     save_checkpoint(trainer, tmp_path / "later")
     with pytest.raises(AblationError, match="saved at step 5.*ends at step 4"):
-        AblationSettings(preset="smoke", branch_from=str(tmp_path / "later")).check_branch_point()
+        ablation(preset="smoke", branch_from=str(tmp_path / "later")).check_branch_point()
     with pytest.raises(AblationError, match="--branch-from.*no checkpoint.pt"):
-        AblationSettings(preset="smoke", branch_from=str(tmp_path)).check_branch_point()
+        ablation(preset="smoke", branch_from=str(tmp_path)).check_branch_point()
     with pytest.raises(AblationError, match="choose one"):
-        AblationSettings(shared_burn_in=True, branch_from=str(tmp_path))
+        ablation(shared_burn_in=True, branch_from=str(tmp_path))
 
 
 def test_select_tables_filters_tables_and_rows_and_names_mistakes():
@@ -172,7 +181,7 @@ def _finished(settings, table, values, specs=None) -> list[FinishedTrial]:
 
 
 def test_table_prints_ours_beside_the_papers_and_marks_missing_rows(tmp_path):
-    settings = AblationSettings(preset="smoke")
+    settings = ablation(preset="smoke")
     table = TABLES["table7"]
     finished = _finished(settings, table, [12.34, None, 3.0, 4.0, 5.0, 6.0])
     rows = collect_rows(table, settings.specs(table), finished)
@@ -209,7 +218,7 @@ def test_table_prints_ours_beside_the_papers_and_marks_missing_rows(tmp_path):
 
 
 def test_seeds_replicate_every_row_and_the_table_reads_them_against_the_noise(tmp_path):
-    settings = AblationSettings(preset="smoke", seeds=(0, 1, 2))
+    settings = ablation(preset="smoke", seeds=(0, 1, 2))
     table = TABLES["table10"]  # jitter counts 5, 10, 15
     specs = settings.specs(table)
     assert [(s.n_jitter, s.seed) for s in specs[:4]] == [(5, 0), (5, 1), (5, 2), (10, 0)]
@@ -239,7 +248,7 @@ def test_seeds_replicate_every_row_and_the_table_reads_them_against_the_noise(tm
 def test_sweep_table_keeps_indicator_and_jitter_rows_apart():
     """``run_sweep`` summarises every sweep's trials by setting: the rows of Tables 7 and 10
     differ only in the indicator or the jitter count, which must not read as repeated folds."""
-    settings = AblationSettings(preset="smoke")
+    settings = ablation(preset="smoke")
     for key in ("table7", "table10"):
         table = TABLES[key]
         finished = _finished(settings, table, [1.0] * len(table.rows))
@@ -265,7 +274,7 @@ def test_a_multi_stage_row_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
     the command line itself; the Ray Train runner has tests of its own)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     results, data = tmp_path / "results", tmp_path / "data"
-    settings = AblationSettings(
+    settings = ablation(
         preset="smoke",
         results_dir=str(results),
         data_dir=str(data),

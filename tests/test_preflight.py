@@ -145,9 +145,13 @@ def test_sweep_overrides_come_last_and_name_the_sweep():
 
 def test_ablation_overrides_reach_rows_and_names():
     table = TABLES["table8"]
-    plain = AblationSettings(preset="smoke")
-    tuned = AblationSettings(preset="smoke", overrides=("method.reg_thr=0.05",))
-    assert tuned.sweep_settings(table).overrides == tuned.overrides
+    plain = AblationSettings(SweepSettings(preset="smoke", ratios=(10.0,), folds=(1,)))
+    tuned = AblationSettings(
+        SweepSettings(
+            preset="smoke", ratios=(10.0,), folds=(1,), overrides=("method.reg_thr=0.05",)
+        )
+    )
+    assert tuned.sweep_settings(table).overrides == tuned.sweep.overrides
     assert {spec.reg_thr for spec in tuned.specs(table)} == {0.05}  # the rows' default
     assert tuned.sweep_name(table) != plain.sweep_name(table)
     assert tuned.table_stem(table) != plain.table_stem(table)
@@ -411,9 +415,8 @@ def test_a_coco_root_sets_the_detector_s_class_count(tmp_path, capsys, monkeypat
         "--coco-root: instances_train2017.json has 2 categories and the smoke preset's detector "
         "4: adding --set detector.num_classes=2\n"
     )
-    assert preflight.check_ablations(
-        AblationSettings(preset="smoke", coco_root=settings.coco_root), [TABLES["table6"]], None
-    ).overrides == ("detector.num_classes=2",)
+    ablation = preflight.check_ablations(AblationSettings(settings), [TABLES["table6"]], None)
+    assert ablation.sweep.overrides == ("detector.num_classes=2",)
 
 
 def _sweep_on(run_cli, root: Path, *argv: str) -> tuple[int, str]:

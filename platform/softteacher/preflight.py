@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import ray
 import torch
@@ -49,7 +48,6 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (
     DatasetLayoutError,
     CheckpointError,
 )
-Settings = TypeVar("Settings", SweepSettings, AblationSettings)
 
 
 class UsageError(ValueError):
@@ -140,24 +138,26 @@ def check_ablations(
     settings: AblationSettings, tables: Sequence[AblationTable], address: str | None
 ) -> AblationSettings:
     """Every check of an ablation request; returns the settings as ``check_sweep`` does."""
-    check_folds("--fold", (settings.fold,))
-    check_at_least_one("--max-steps", settings.max_steps)
+    sweep = settings.sweep
+    check_folds("--fold", sweep.folds)
+    check_at_least_one("--max-steps", sweep.max_steps)
     check_resources(
-        settings.resources,
+        sweep.resources,
         cuda_available=torch.cuda.is_available(),
         joins_cluster=joins_cluster(address),
     )
     methods = [row.method for table in tables for row in table.rows]
-    check_ratios("--ratio", (settings.ratio,), methods)
-    settings, num_images = _with_dataset_classes(settings)
-    check_labeled_count("--ratio", (settings.ratio,), num_images)
+    check_ratios("--ratio", sweep.ratios, methods)
+    sweep, num_images = _with_dataset_classes(sweep)
+    settings = dataclasses.replace(settings, sweep=sweep)
+    check_labeled_count("--ratio", sweep.ratios, num_images)
     base = settings.base_config()
     specs = [spec for table in tables for spec in settings.specs(table)]
-    check_overrides_reach_trials(base, specs, settings.overrides, "each table's rows set it")
-    if settings.shared_burn_in:
+    check_overrides_reach_trials(base, specs, sweep.overrides, "each table's rows set it")
+    if sweep.shared_burn_in:
         split_shared_burn_in(specs, base)  # a burn-in to share
     settings.check_branch_point()
-    check_results_folder("--results-dir", Path(settings.results_dir), base, len(specs))
+    check_results_folder("--results-dir", Path(sweep.results_dir), base, len(specs))
     return settings
 
 
@@ -340,7 +340,7 @@ def coco_class_override(
     return f"detector.num_classes={summary.num_classes}"
 
 
-def _with_dataset_classes(settings: Settings) -> tuple[Settings, int]:
+def _with_dataset_classes(settings: SweepSettings) -> tuple[SweepSettings, int]:
     """The settings with ``coco_class_override`` added (said in one line), and the number
     of training images: the synthetic set's from the config, a COCO root's from its file."""
     base = settings.base_config()

@@ -26,7 +26,6 @@ from pathlib import Path
 from softteacher.config import ExperimentConfig
 from softteacher.files import write_atomically
 from softteacher.names import TEACHER_AP, model_metric
-from softteacher.run.spec import WorkerResources
 from softteacher.track.mlflow_runs import (
     default_tracking_uri,
     finish_run,
@@ -41,7 +40,7 @@ from softteacher.tune.ablation_tables import (
     AblationRow,
     AblationTable,
 )
-from softteacher.tune.grid import PROJECT_ROOT, SweepSettings, TrialSpec
+from softteacher.tune.grid import SweepSettings, TrialSpec
 from softteacher.tune.sweep import FinishedTrial, run_sweep
 
 EXPERIMENT_NAME = "ablations"
@@ -55,52 +54,57 @@ METRIC_COLUMNS = tuple(
 
 @dataclass(frozen=True)
 class AblationSettings:
-    """What the command line decides; each table becomes one sweep of these settings."""
+    """An ablation request: a sweep's settings at one ratio and one fold (everything the
+    fold sweep's command line also decides: preset, data, resources, steps, ``--set``,
+    seeds, shared burn-in), and optionally an existing branch point. Each table becomes
+    one sweep of ``sweep`` whose grid is the table's rows (``sweep_settings``)."""
 
-    preset: str = "cpu"
-    ratio: float = 10.0
-    fold: int = 1
-    results_dir: str = str(PROJECT_ROOT / "experiments" / "results")
-    data_dir: str = str(PROJECT_ROOT / "data")
-    coco_root: str | None = None
-    resources: WorkerResources = field(default_factory=WorkerResources)
-    max_steps: int | None = None
-    overrides: tuple[str, ...] = ()  # ``--set section.field=value``, as the fold sweep's
-    shared_burn_in: bool = False  # the semi-supervised rows branch off one supervised burn-in
+    sweep: SweepSettings = field(default_factory=lambda: SweepSettings(ratios=(10.0,), folds=(1,)))
     # an existing end-of-burn-in checkpoint of this preset, ratio and fold: every row but
     # multi-stage (whose first stage is a whole supervised run) branches off it
     branch_from: str | None = None
-    seeds: tuple[int, ...] | None = None  # every row once a seed (None: the preset's seed)
 
     def __post_init__(self) -> None:
-        if self.shared_burn_in and self.branch_from:
+        if len(self.sweep.ratios) != 1 or len(self.sweep.folds) != 1:
+            raise AblationError(
+                "an ablation table compares its rows at one ratio and one fold; got ratios "
+                f"{list(self.sweep.ratios)} and folds {list(self.sweep.folds)}"
+            )
+        if self.sweep.shared_burn_in and self.branch_from:
             raise AblationError(
                 "--shared-burn-in runs its own burn-in and --branch-from takes an existing "
                 "one; choose one"
             )
 
+    @property
+    def ratio(self) -> float:
+        return self.sweep.ratios[0]
+
+    @property
+    def fold(self) -> int:
+        return self.sweep.folds[0]
+
     def base_config(self) -> ExperimentConfig:
         """The trials' config before a row changes it, built as their sweep builds it."""
-        return SweepSettings(
-            preset=self.preset, max_steps=self.max_steps, overrides=self.overrides
-        ).base_config()
+        return self.sweep.base_config()
 
     def _name_parts(self, table: AblationTable) -> list[str]:
         """What tells this request's trials apart from another's, in name-sized pieces."""
-        parts = [EXPERIMENT_NAME, table.key, self.preset, f"r{self.ratio:g}", f"f{self.fold}"]
-        if self.coco_root:
+        sweep = self.sweep
+        parts = [EXPERIMENT_NAME, table.key, sweep.preset, f"r{self.ratio:g}", f"f{self.fold}"]
+        if sweep.coco_root:
             parts.append("coco")
-        if self.max_steps is not None:
-            parts.append(f"steps{self.max_steps}")
-        if self.overrides:
-            digest = hashlib.sha256("\n".join(self.overrides).encode()).hexdigest()[:8]
+        if sweep.max_steps is not None:
+            parts.append(f"steps{sweep.max_steps}")
+        if sweep.overrides:
+            digest = hashlib.sha256("\n".join(sweep.overrides).encode()).hexdigest()[:8]
             parts.append(f"set-{digest}")
-        if self.shared_burn_in:
+        if sweep.shared_burn_in:
             parts.append("shared")
         if self.branch_from:
             parts.append("branch-" + hashlib.sha256(self.branch_from.encode()).hexdigest()[:8])
-        if self.seeds is not None:
-            parts.append("s" + "-".join(str(seed) for seed in self.seeds))
+        if sweep.seeds is not None:
+            parts.append("s" + "-".join(str(seed) for seed in sweep.seeds))
         return parts
 
     def sweep_name(self, table: AblationTable, *, partial: bool = False) -> str:
@@ -120,18 +124,9 @@ class AblationSettings:
         return stem
 
     def sweep_settings(self, table: AblationTable, *, partial: bool = False) -> SweepSettings:
-        return SweepSettings(
-            preset=self.preset,
-            ratios=(self.ratio,),
-            folds=(self.fold,),
+        return dataclasses.replace(
+            self.sweep,
             methods=tuple(dict.fromkeys(row.method for row in table.rows)),
-            coco_root=self.coco_root,
-            results_dir=self.results_dir,
-            data_dir=self.data_dir,
-            resources=self.resources,
-            max_steps=self.max_steps,
-            overrides=self.overrides,
-            shared_burn_in=self.shared_burn_in,
             experiment_name=EXPERIMENT_NAME,
             sweep_name=self.sweep_name(table, partial=partial),
         )
@@ -142,7 +137,7 @@ class AblationSettings:
         specs = [
             dataclasses.replace(row.spec(self.ratio, self.fold, defaults), seed=seed)
             for row in table.rows
-            for seed in self.seeds or (None,)
+            for seed in self.sweep.seeds or (None,)
         ]
         if not self.branch_from:
             return specs
@@ -163,7 +158,7 @@ class AblationSettings:
         if step != burn_in:
             raise AblationError(
                 f"--branch-from {self.branch_from} was saved at step {step}, and the "
-                f"{self.preset} preset's burn-in ends at step {burn_in}; pass the checkpoint "
+                f"{self.sweep.preset} preset's burn-in ends at step {burn_in}; pass the checkpoint "
                 "its supervised run saved at that step"
             )
 
@@ -251,7 +246,9 @@ def run_ablation_table(settings: AblationSettings, table: AblationTable) -> Abla
     rows = collect_rows(table, specs, finished)
     print(format_ablation_table(table, rows, settings, wall_s))
     stem = settings.table_stem(table, partial=partial)
-    paths = write_ablation_table(table, rows, Path(settings.results_dir), stem, settings, wall_s)
+    paths = write_ablation_table(
+        table, rows, Path(settings.sweep.results_dir), stem, settings, wall_s
+    )
     for path in paths.values():
         print(f"wrote {path}")
     result = AblationResult(table, rows, paths, wall_s)
@@ -364,9 +361,10 @@ def _attach_to_sweep_run(sweep: SweepSettings, paths: dict[str, Path], *, comple
 def _title(table: AblationTable, settings: AblationSettings | None, wall_s: float | None) -> str:
     title = table.caption
     if settings is not None:
-        title += f" -- {settings.preset} preset, {settings.ratio:g}% labeled, fold {settings.fold}"
-        if settings.seeds is not None and len(settings.seeds) > 1:
-            title += f", mean +- std over seeds {','.join(map(str, settings.seeds))}"
+        sweep = settings.sweep
+        title += f" -- {sweep.preset} preset, {settings.ratio:g}% labeled, fold {settings.fold}"
+        if sweep.seeds is not None and len(sweep.seeds) > 1:
+            title += f", mean +- std over seeds {','.join(map(str, sweep.seeds))}"
     if wall_s is not None:
         title += f", {wall_s / 60:.1f} min"
     return title + " (ours: teacher; paper: COCO val2017, 10%, fold 1)"
