@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from softteacher.config import METHODS
 from softteacher.preflight import (
@@ -139,8 +138,8 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         baseline=args.baseline,
         shared_burn_in=args.shared_burn_in,
         coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
-        results_dir=str((args.results_dir or Path(defaults.results_dir)).resolve()),
-        data_dir=str((args.data_dir or Path(defaults.data_dir)).resolve()),
+        results_dir=str(args.results_dir or defaults.results_dir),
+        data_dir=str(args.data_dir or defaults.data_dir),
         resources=resources,
         max_steps=args.max_steps,
         ckpt_every=args.ckpt_every,

@@ -9,11 +9,15 @@ from pathlib import Path
 import torch
 
 CPUINFO = Path("/proc/cpuinfo")
+# the package's own folder: in a source checkout (an editable install), git finds the
+# checkout from here; anywhere else there is no commit to name
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
-def git_commit(repo_dir: Path) -> str:
-    """HEAD's commit, ``+dirty`` when tracked files changed (as ``git describe --dirty``);
-    ``unknown`` outside a git checkout or without git (a Ray worker may have neither)."""
+def git_commit(repo_dir: Path = PACKAGE_DIR) -> str:
+    """The commit of the code that runs: HEAD's commit, ``+dirty`` when tracked files
+    changed (as ``git describe --dirty``); ``unknown`` outside a git checkout or without git
+    (a Ray worker may have neither)."""
 
     def git(*args: str) -> str:
         done = subprocess.run(

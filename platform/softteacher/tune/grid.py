@@ -16,8 +16,6 @@ from softteacher.config import ExperimentConfig, apply_overrides
 from softteacher.presets import preset
 from softteacher.run.spec import WorkerResources
 
-PROJECT_ROOT = Path(__file__).resolve().parents[3]
-
 
 @dataclass(frozen=True)
 class TrialSpec:
@@ -147,8 +145,10 @@ class SweepSettings:
     # burn-in instead of repeating it, so both arms share one burn-in
     shared_burn_in: bool = False
     coco_root: str | None = None
-    results_dir: str = str(PROJECT_ROOT / "experiments" / "results")
-    data_dir: str = str(PROJECT_ROOT / "data")
+    # relative to the working directory, as the CLI reads them; made absolute on construction
+    # (Ray's storage and the trials' processes need absolute paths)
+    results_dir: str = "experiments/results"
+    data_dir: str = "data"
     resources: WorkerResources = field(default_factory=WorkerResources)
     max_steps: int | None = None
     ckpt_every: int | None = None
@@ -158,6 +158,8 @@ class SweepSettings:
     early_stopping: EarlyStopping | None = None  # None: every trial runs to the end
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "results_dir", str(Path(self.results_dir).resolve()))
+        object.__setattr__(self, "data_dir", str(Path(self.data_dir).resolve()))
         if self.cls_thrs is None or self.reg_thrs is None:
             method = apply_overrides(preset(self.preset), self.overrides).method
             if self.cls_thrs is None:

@@ -52,7 +52,6 @@ from softteacher.track.tables import (
 )
 from softteacher.train.checkpoint import branch_point_dir
 from softteacher.tune.grid import (
-    PROJECT_ROOT,
     SweepSettings,
     TrialSpec,
     added_roots,
@@ -148,7 +147,7 @@ def run_sweep(settings: SweepSettings, specs: list[TrialSpec] | None = None) -> 
             tracking_uri,
             settings.experiment_name,
             settings.name,
-            params={"preset": settings.preset, "git_commit": git_commit(PROJECT_ROOT)},
+            params={"preset": settings.preset, "git_commit": git_commit()},
         )
     log_json_artifact(parent, "sweep_settings.json", dataclasses.asdict(settings))
     specs = specs if specs is not None else settings.trial_specs()

@@ -34,7 +34,7 @@ from softteacher.track.mlflow_runs import (
 from softteacher.track.models import log_logged_model
 from softteacher.track.provenance import git_commit
 from softteacher.train.checkpoint import has_branch_point
-from softteacher.tune.grid import PROJECT_ROOT, TrialSpec
+from softteacher.tune.grid import TrialSpec
 from softteacher.tune.relay import fit_reporting_to_tune
 
 
@@ -84,7 +84,7 @@ def trial_params(job: TrialJob) -> dict[str, object]:
         "method": cfg.method.method,
         "seed": cfg.train.seed,
         "preset": job.preset,
-        "git_commit": git_commit(PROJECT_ROOT),
+        "git_commit": git_commit(),
     } | cfg.flat()
 
 
