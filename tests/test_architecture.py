@@ -24,6 +24,7 @@ LAYERS = {
     "run": 6,
     "preflight": 7,
     "tune": 7,
+    "bench": 7,
 }
 # track sits beside the stages: anything at run level or above may log and tabulate.
 TRACK_USERS_FROM = LAYERS["run"]

@@ -25,7 +25,7 @@ import pytest
 from conftest import HeadNode, free_port
 from mlflow.tracking import MlflowClient
 
-from softteacher.track.mlflow_runs import ui_runs_url
+from softteacher.track.ui import ui_runs_url
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="the browser checks need playwright: pip install -e .[browser]"

@@ -12,9 +12,9 @@ import pytest
 from ray import cloudpickle, tune
 
 from softteacher.names import EVAL_STEP, TEACHER_AP, TRAINED_STEPS
+from softteacher.tune.asha import asha_scheduler
 from softteacher.tune.grid import EarlyStopping, SweepSettings
 from softteacher.tune.relay import fit_reporting_to_tune
-from softteacher.tune.sweep import asha_scheduler
 
 pytestmark = pytest.mark.ray
 # the trial function below lives in this test file, which Ray's workers cannot import

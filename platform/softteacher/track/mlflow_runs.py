@@ -35,7 +35,6 @@ PARENT_TAG = "mlflow.parentRunId"
 # "Overview" page (traces, latency) instead of the runs table.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
-DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where ``mlflow ui`` listens by default
 # MLflow's limits (mlflow/utils/validation.py); a longer value or a larger batch is refused.
 MAX_PARAM_VALUE_CHARS = 6000
 MAX_KEY_CHARS = 250
@@ -74,27 +73,6 @@ def default_tracking_uri(results_dir: Path) -> str:
     if from_env:
         return from_env
     return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
-
-
-def ui_runs_url(ui_url: str, experiment_id: str) -> str:
-    """The MLflow UI's runs table of an experiment.
-
-    ``workflowType`` is part of the link because MLflow 3's UI opens every experiment on its
-    GenAI pages (traces, latency) until the user switches to "Model training", whatever the
-    experiment's kind tag says (seen in MLflow 3.17 in Chromium).
-    """
-    base = ui_url.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-
-
-def ui_hint(tracking_uri: str, experiment_id: str) -> str:
-    """One line saying how to open the sweep's runs in the MLflow UI."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"MLflow UI: {ui_runs_url(tracking_uri, experiment_id)}"
-    return (
-        f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}, then "
-        f"{ui_runs_url(DEFAULT_UI_URL, experiment_id)}"
-    )
 
 
 def sanitize_key(key: str) -> str:
