@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import ray.train
@@ -101,18 +102,21 @@ def test_a_stream_asked_beyond_its_planned_rows_says_so(ray_cluster, smoke_fold)
 
 
 def test_an_undecodable_image_surfaces_with_its_file_name(ray_cluster, smoke_fold, tmp_path):
+    """Every image decodes when the shards are written (test_shards.py); one damaged in a
+    written shard still fails the stream naming its file, not as Ray Data's UDF error."""
     fold = smoke_fold.fold
     synthetic = load_coco(fold.labeled_ann, fold.train_images)
-    images = tmp_path / "images"
-    images.mkdir()
-    victim = synthetic.records[2].file_name
-    for record in synthetic.records[:4]:
-        data = synthetic.image_path(record).read_bytes()
-        (images / record.file_name).write_bytes(data[:200] if record.file_name == victim else data)
-    small = dataclasses.replace(synthetic, image_root=images, records=synthetic.records[:4])
+    small = dataclasses.replace(synthetic, records=synthetic.records[:4])
     broken = write_shards(small, tmp_path / "shards")
-    cfg = AUGMENT
-    stream = RayRowStream(broken, _plan(broken, "labeled"), cfg, stop=8)
+    victim = synthetic.records[2].file_name
+    table = pq.read_table(broken.files[0])
+    images = table.column("image").to_pylist()
+    row = table.column("file_name").to_pylist().index(victim)
+    images[row] = images[row][:200]
+    column = table.schema.get_field_index("image")
+    damaged = table.set_column(column, "image", pa.array(images, pa.binary()))
+    pq.write_table(damaged, broken.files[0])
+    stream = RayRowStream(broken, _plan(broken, "labeled"), AUGMENT, stop=8)
     with pytest.raises(Exception, match=f"cannot decode image {victim}"):
         stream.take(8)
 

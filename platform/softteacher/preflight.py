@@ -25,7 +25,9 @@ import torch
 from softteacher.config import ExperimentConfig
 from softteacher.data.coco import CocoFormatError, CocoSummary
 from softteacher.data.folds import FoldError
+from softteacher.data.images import CorruptImageError
 from softteacher.data.protocol import DatasetLayoutError, coco_root_summary
+from softteacher.data.shards import EmptyDatasetError
 from softteacher.files import nearest_existing
 from softteacher.model.detector import build_detector
 from softteacher.run.spec import WorkerResources
@@ -47,6 +49,8 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (
     FoldError,
     DatasetLayoutError,
     CheckpointError,
+    CorruptImageError,  # a bad image found while the driver prepares the folds
+    EmptyDatasetError,  # a set of nothing but bad images
 )
 
 

@@ -12,6 +12,11 @@ bytes, so a second call with the same content finds it and writes nothing, and a
 annotation or image file gets a new key. The set is written into a temporary folder and
 renamed into place with its ``_SUCCESS`` marker already inside: a killed conversion never
 looks complete (it leaves a ``.<key>.*`` folder, safe to delete when no conversion runs).
+
+A conversion first decodes every image once (:mod:`softteacher.data.image_check`): an image
+that does not decode is left out (listed in ``skipped_images.json``) or stops the
+conversion, and a row's ``width``/``height`` are the image's real size. A cached set is
+not checked again.
 """
 
 from __future__ import annotations
@@ -21,25 +26,31 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from softteacher.data.coco import CocoDataset
+from softteacher.data.image_check import SetCheck, check_records, first_names, image_stat
 from softteacher.data.images import CorruptImageError
 from softteacher.data.samples import ImageRecord
 
 # Bump whenever the schema or the row layout changes: old caches then miss instead of lying.
-LAYOUT_VERSION = 1
+# 2: images decode-checked at conversion, bad ones left out, width/height the real size.
+LAYOUT_VERSION = 2
 # Rows a Parquet row group: the unit a Ray Data read task reads. Small, so the first
 # augmented rows reach the trainer after ~32 images, not after a whole shard.
 ROW_GROUP_ROWS = 32
 SUCCESS_MARKER = "_SUCCESS"
+SKIPPED_LIST = "skipped_images.json"  # in the set's folder: the images left out, and why
+BadImagePolicy = Literal["skip", "fail"]
 SHARD_SCHEMA = pa.schema(
     [
         ("image_id", pa.int64()),
@@ -65,42 +76,109 @@ class ShardSet:
     files: tuple[Path, ...]
     num_rows: int
     key: str
+    num_skipped: int = 0  # images left out because they do not decode (``SKIPPED_LIST``)
 
 
-def write_shards(dataset: CocoDataset, cache_dir: Path, *, rows_per_shard: int = 256) -> ShardSet:
+def write_shards(
+    dataset: CocoDataset,
+    cache_dir: Path,
+    *,
+    rows_per_shard: int = 256,
+    on_bad_image: BadImagePolicy = "skip",
+) -> ShardSet:
     """The dataset's shards under ``cache_dir``, written only when no complete copy exists.
 
-    Every image file must exist and be non-empty (checked here, one ``stat`` each, because
-    the cache key needs its size and mtime anyway); whether it decodes is checked in the
-    stream, which names the file (decoding all of COCO here would take too long).
-    Memory stays at one shard's image bytes.
+    Every image file must exist (one ``stat`` each, which the cache key needs anyway). A
+    conversion decodes every image once first: one that does not decode (empty, truncated,
+    not an image) is left out with one warning line and listed in the set's
+    ``skipped_images.json`` (``on_bad_image="skip"``), or stops it with one
+    :class:`CorruptImageError` before anything is written (``"fail"``; also raised for a
+    cached set that left images out). An image whose real size is not the annotated one
+    gets one warning line a set; its row holds the real size and the boxes as annotated
+    (the stream clips them to the image). Memory stays at one shard's image bytes.
     """
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
+    if on_bad_image not in ("skip", "fail"):
+        raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
     if not dataset.records:
         raise EmptyDatasetError(
             f"annotation file {dataset.ann_file} has no images to shard; check the file"
         )
     records = sorted(dataset.records, key=lambda record: record.image_id)
     paths = [dataset.image_path(record) for record in records]
-    key = content_key(records, [_checked_stat(path, dataset) for path in paths], rows_per_shard)
+    stats = [image_stat(path, dataset.ann_file) for path in paths]
+    key = content_key(records, stats, rows_per_shard)
 
     cache_dir = Path(cache_dir)
     final = cache_dir / key
     existing = _complete_set(final, key)
     if existing is not None:
+        if existing.num_skipped and on_bad_image == "fail":
+            listed = json.loads((final / SKIPPED_LIST).read_text())
+            bad = [(entry["file_name"], entry["error"]) for entry in listed]
+            raise CorruptImageError(_bad_images_line(dataset, bad))
         return existing
+    checked = check_records(records, paths, stats, dataset.ann_file.name)
+    if checked.bad and on_bad_image == "fail":
+        raise CorruptImageError(_bad_images_line(dataset, checked.bad))
+    if len(checked.bad) == len(records):
+        raise EmptyDatasetError(
+            f"none of the {len(records)} images in {dataset.ann_file} can be decoded (first: "
+            f"{checked.bad[0][1]}); check the image root and the files"
+        )
+    if checked.resized:
+        _warn(
+            f"{checked.resized_line('images', dataset.ann_file)}; training uses the real "
+            "size, the boxes as annotated (clipped to the image)"
+        )
+    kept, kept_paths, skipped = _split_bad(records, paths, checked)
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
     try:
-        _write_parts(staging, records, paths, rows_per_shard)
+        _write_parts(staging, kept, kept_paths, rows_per_shard, skipped)
         _publish(staging, final, key)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     complete = _complete_set(final, key)
     if complete is None:  # only if someone removed it between our rename and this read
         raise RuntimeError(f"shard set {final} vanished right after it was written; rerun")
+    if skipped:
+        _warn(
+            f"{len(skipped)} of {len(records)} images in {dataset.ann_file} cannot be "
+            f"decoded and are left out (first: {skipped[0]['error']}); the list is in "
+            f"{final / SKIPPED_LIST}"
+        )
     return complete
+
+
+def _split_bad(
+    records: list[ImageRecord], paths: list[Path], checked: SetCheck
+) -> tuple[list[ImageRecord], list[Path], list[dict]]:
+    """The records that decode, at their real size, their paths, and the skipped list."""
+    kept, kept_paths, skipped = [], [], []
+    errors = iter(message for _, message in checked.bad)  # in record order
+    for record, path, size in zip(records, paths, checked.sizes, strict=True):
+        if size is None:
+            skipped.append(
+                {"image_id": record.image_id, "file_name": record.file_name, "error": next(errors)}
+            )
+        else:
+            kept.append(replace(record, width=size[0], height=size[1]))
+            kept_paths.append(path)
+    return kept, kept_paths, skipped
+
+
+def _bad_images_line(dataset: CocoDataset, bad: Sequence[tuple[str, str]]) -> str:
+    return (
+        f"{len(bad)} of {len(dataset.records)} images in {dataset.ann_file} cannot be decoded: "
+        f"{first_names(bad)} (first: {bad[0][1]}); re-download or remove them, or pass "
+        "--on-bad-image skip"
+    )
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def content_key(
@@ -109,7 +187,9 @@ def content_key(
     """Hash of what decides the shards' bytes: records, image (size, mtime_ns), layout.
 
     Sizes and mtimes stand in for the image bytes: hashing COCO's 18 GB on every start would
-    cost minutes, and a replaced file changes its mtime.
+    cost minutes, and a replaced file changes its mtime. The decode check's outcome (the
+    images left out, the real sizes) follows from the image bytes, so it needs no part of
+    its own; nor does the bad-image policy: with ``"fail"`` nothing is written.
     """
     digest = hashlib.sha256()
     digest.update(struct.pack("<qq", LAYOUT_VERSION, rows_per_shard))
@@ -125,27 +205,14 @@ def content_key(
     return digest.hexdigest()[:20]
 
 
-def _checked_stat(path: Path, dataset: CocoDataset) -> tuple[int, int]:
-    try:
-        stat = path.stat()
-    except OSError as error:
-        raise CorruptImageError(
-            f"image {path} listed in {dataset.ann_file} cannot be read "
-            f"({error.strerror or type(error).__name__}); check the image root or remove "
-            "the image from the annotation file"
-        ) from None
-    if stat.st_size == 0:
-        raise CorruptImageError(
-            f"image {path} listed in {dataset.ann_file} is empty (0 bytes); "
-            "re-download it or remove it from the annotation file"
-        )
-    return stat.st_size, stat.st_mtime_ns
-
-
 def _write_parts(
-    folder: Path, records: list[ImageRecord], paths: list[Path], rows_per_shard: int
+    folder: Path,
+    records: list[ImageRecord],
+    paths: list[Path],
+    rows_per_shard: int,
+    skipped: list[dict],
 ) -> None:
-    """One Parquet file a slice of rows, then the marker that lists them."""
+    """One Parquet file a slice of rows, the images left out, then the marker."""
     names = []
     for index, start in enumerate(range(0, len(records), rows_per_shard)):
         stop = start + rows_per_shard
@@ -154,7 +221,13 @@ def _write_parts(
         # Images are JPEG/PNG already: compressing them again costs time and saves nothing.
         pq.write_table(table, folder / name, compression="none", row_group_size=ROW_GROUP_ROWS)
         names.append(name)
-    marker = {"layout_version": LAYOUT_VERSION, "num_rows": len(records), "files": names}
+    (folder / SKIPPED_LIST).write_text(json.dumps(skipped, indent=1))
+    marker = {
+        "layout_version": LAYOUT_VERSION,
+        "num_rows": len(records),
+        "num_skipped": len(skipped),
+        "files": names,
+    }
     (folder / SUCCESS_MARKER).write_text(json.dumps(marker, indent=1))
 
 
@@ -202,4 +275,10 @@ def _complete_set(folder: Path, key: str) -> ShardSet | None:
     files = tuple(folder / name for name in content["files"])
     if not all(path.is_file() for path in files):
         return None
-    return ShardSet(root=folder, files=files, num_rows=int(content["num_rows"]), key=key)
+    return ShardSet(
+        root=folder,
+        files=files,
+        num_rows=int(content["num_rows"]),
+        key=key,
+        num_skipped=int(content.get("num_skipped", 0)),
+    )

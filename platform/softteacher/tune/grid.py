@@ -149,6 +149,7 @@ class SweepSettings:
     # (Ray's storage and the trials' processes need absolute paths)
     results_dir: str = "experiments/results"
     data_dir: str = "data"
+    on_bad_image: str = "skip"  # a training image that does not decode: "skip" or "fail"
     resources: WorkerResources = field(default_factory=WorkerResources)
     max_steps: int | None = None
     ckpt_every: int | None = None
@@ -205,7 +206,10 @@ class SweepSettings:
             return self.sweep_name
         # The resolved config is part of the identity: a preset changed in code starts a new
         # sweep instead of resuming one whose MLflow runs hold the old params.
-        identity = dataclasses.asdict(self) | {
+        # on_bad_image is left out: it cannot change a finished trial (and names stay stable)
+        identity = dataclasses.asdict(self)
+        del identity["on_bad_image"]
+        identity |= {
             "results_dir": None,
             "data_dir": None,
             "config": self.base_config().to_dict(),
