@@ -89,6 +89,7 @@ def settings_from_args(args: argparse.Namespace) -> AblationSettings:
         folds=(args.fold,),
         results_dir=str(args.results_dir or defaults.results_dir),
         data_dir=str(args.data_dir or defaults.data_dir),
+        on_bad_image=args.on_bad_image,
         coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
         resources=resources,
         max_steps=args.max_steps,
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = check_ablations(settings_from_args(args), tables, args.address)
         port = None if joins_cluster(args.address) else choose_dashboard_port(args.dashboard_port)
     with exit_on_usage_error(ClusterAuthError):
-        dashboard = start_or_join(args.address, args.num_cpus, port)
+        dashboard = start_or_join(args.address, args.num_cpus, port, args.dashboard_host)
     if joins_cluster(args.address) and (warning := placement_warning(settings.sweep.resources)):
         print(f"warning: {warning}", file=sys.stderr)
     if dashboard:

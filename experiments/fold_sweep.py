@@ -140,6 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
         results_dir=str(args.results_dir or defaults.results_dir),
         data_dir=str(args.data_dir or defaults.data_dir),
+        on_bad_image=args.on_bad_image,
         resources=resources,
         max_steps=args.max_steps,
         ckpt_every=args.ckpt_every,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = check_sweep(settings_from_args(args), args.address)
         port = None if joins_cluster(args.address) else choose_dashboard_port(args.dashboard_port)
     with exit_on_usage_error(ClusterAuthError):
-        dashboard = start_or_join(args.address, args.num_cpus, port)
+        dashboard = start_or_join(args.address, args.num_cpus, port, args.dashboard_host)
     if joins_cluster(args.address) and (warning := placement_warning(settings.resources)):
         print(f"warning: {warning}", file=sys.stderr)
     if dashboard:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
 
@@ -29,6 +30,7 @@ from softteacher.data.shards import ShardSet, write_shards  # noqa: E402
 from softteacher.presets import preset  # noqa: E402
 
 RAY_TEST_CPUS = 4
+GRACE_S = 5  # for a head node's processes to stop on SIGTERM
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,13 @@ def ray_head_node() -> Iterator[HeadNode]:
         ],
         stdout=(temp_dir / "ray_start.log").open("w"),
         stderr=subprocess.STDOUT,
-        env=os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token},
+        # metrics reported every 2 s instead of 10, so that a test sees a gauge sooner
+        env=os.environ
+        | {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": auth_token,
+            "RAY_metrics_report_interval_ms": "2000",
+        },
     )
     url = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.monotonic() + 120
@@ -137,6 +145,17 @@ def ray_head_node() -> Iterator[HeadNode]:
             f"127.0.0.1:{gcs_port}", url, (temp_dir / "session_latest").resolve(), auth_token
         )
     finally:
+        # ``ray stop`` would stop every cluster on the machine (another test process's too);
+        # the node's own processes get SIGTERM through ``--block``, then SIGKILL after a
+        # grace period (its dashboard agents wait ~30 s on the gone GCS otherwise)
+        processes = psutil.Process(head.pid).children(recursive=True)
         head.send_signal(signal.SIGTERM)
-        head.wait(timeout=60)
+        try:
+            head.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=60)
+        _, alive = psutil.wait_procs(processes, timeout=GRACE_S)
+        for process in alive:
+            process.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)

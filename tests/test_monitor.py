@@ -5,6 +5,7 @@ without a prometheus binary (Debian: apt install prometheus)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,9 +22,11 @@ from softteacher.tune.monitor import MonitorError, scrape_config, start_promethe
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = shutil.which("prometheus")
 SWEEP_TIMEOUT_S = 600
-# Ray reports a worker's metrics and Prometheus scrapes them every 10 s each: the trial must
-# train for longer than both together. The sweep is killed as soon as the gauges are seen.
+# Ray reports a worker's metrics and Prometheus scrapes them every 10 s each by default; the
+# test shortens both to SCRAPE_S (the head node's and the driver's RAY_metrics_report_...,
+# and a copy of Ray's scrape config) and kills the sweep as soon as the gauges are seen.
 MAX_STEPS = 400
+SCRAPE_S = 2
 
 
 def _query(port: int, promql: str) -> list[dict]:
@@ -41,9 +44,14 @@ def test_a_session_without_metrics_is_one_line_with_the_fix(tmp_path):
 @pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt install prometheus)")
 def test_prometheus_scrapes_the_running_trials_gauges(ray_head_node: HeadNode, tmp_path):
     port = free_port()
+    ray_config = scrape_config(ray_head_node.session_dir)
+    assert "scrape_interval" in ray_config.read_text()
+    fast_config = tmp_path / "prometheus.yml"
+    fast_config.write_text(
+        re.sub(r"scrape_interval: *\S+", f"scrape_interval: {SCRAPE_S}s", ray_config.read_text())
+    )
     server = start_prometheus(
-        scrape_config(ray_head_node.session_dir), tmp_path / "prometheus", port,
-        log_file=tmp_path / "prometheus.log",
+        fast_config, tmp_path / "prometheus", port, log_file=tmp_path / "prometheus.log"
     )
     command = [
         sys.executable, str(ROOT / "experiments" / "fold_sweep.py"), "--preset", "smoke",
@@ -51,7 +59,10 @@ def test_prometheus_scrapes_the_running_trials_gauges(ray_head_node: HeadNode, t
         "--address", ray_head_node.gcs_address, "--results-dir", str(tmp_path / "results"),
         "--data-dir", str(tmp_path / "data"),
     ]
-    env = ray_head_node.driver_env() | {"PYTHONPATH": str(ROOT / "platform")}
+    env = ray_head_node.driver_env() | {
+        "PYTHONPATH": str(ROOT / "platform"),
+        "RAY_metrics_report_interval_ms": str(SCRAPE_S * 1000),
+    }
     without_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
     found: dict[str, list[dict]] = {}
     output = ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -69,11 +70,11 @@ def _sweep_env() -> dict[str, str]:
 
 def _sweep_signalled_at(
     tmp_path: Path, line_start: str, sig: signal.Signals, *extra: str
-) -> tuple[str, list[int], int]:
+) -> tuple[str, list[int], int, set[tuple[str, int]]]:
     """Runs the command until it prints a line starting with ``line_start``, then sends it
     ``sig``: SIGINT to its process group, as a terminal's Ctrl-C does, SIGKILL to the driver
     alone. Returns what it printed, the pids of the processes it had started (its cluster),
-    and its exit code."""
+    its exit code, and the addresses its dashboard's port listened on before the signal."""
     command = [sys.executable, str(ROOT / "experiments" / "fold_sweep.py")]
     command += _sweep_args(tmp_path, *extra)
     driver = subprocess.Popen(
@@ -90,6 +91,8 @@ def _sweep_signalled_at(
             if line.startswith(line_start):
                 break
         started = [p.pid for p in psutil.Process(driver.pid).children(recursive=True)]
+        dashboard = re.search(r"Ray dashboard: http://[^:]+:(\d+)", "".join(printed))
+        listening = _listening_on(int(dashboard.group(1))) if dashboard else set()
         if sig == signal.SIGINT:
             os.killpg(driver.pid, sig)
         else:
@@ -99,7 +102,22 @@ def _sweep_signalled_at(
     finally:
         driver.kill()
         driver.wait(timeout=60)
-    return "".join(printed), started, driver.returncode
+    return "".join(printed), started, driver.returncode, listening
+
+
+def _listening_on(port: int, timeout_s: float = 30.0) -> set[str]:
+    """The addresses that listen on ``port`` once any does (the dashboard's HTTP server
+    may bind after Ray printed its URL)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = {
+            c.laddr.ip
+            for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        }
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
@@ -110,7 +128,7 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
     same command again: the finished trial is not rerun, the other finishes, MLflow holds
     one parent and two children, all FINISHED, and the table both rows. (The rerun uses
     the tests' own cluster: the command's own start-up is the first run's.)"""
-    first, started, _ = _sweep_signalled_at(
+    first, started, _, listening = _sweep_signalled_at(
         tmp_path,
         "[start] 10% fold 1 soft_teacher",
         signal.SIGKILL,
@@ -119,6 +137,9 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
         "2",  # one trial at a time: the Soft Teacher trial starts after the supervised one
     )
     assert "Ray dashboard: http://127.0.0.1:" in first
+    # the dashboard (it accepts jobs: code to run) listens on loopback only; Ray's own gRPC
+    # servers listen on every interface in Ray 2.60, guarded by its token (README)
+    assert listening == {"127.0.0.1"}
     assert "shared burn-in: 1 run(s) first, then 1 semi-supervised run(s)" in first
     assert first.count("[done]") == 1 and "[done]  10% fold 1 supervised" in first
     assert started
@@ -230,7 +251,7 @@ def test_ctrl_c_ends_the_sweep_and_its_runs_killed_with_one_message(tmp_path):
     130 with one message saying how to resume, the sweep's MLflow run and the interrupted
     trial's KILLED (Tune's own handler ended the sweep as if done instead, the interrupted
     trial tagged as stopped early by a scheduler it did not have)."""
-    printed, _, code = _sweep_signalled_at(
+    printed, _, code, _ = _sweep_signalled_at(
         tmp_path, "[eval]  10% fold 1 soft_teacher", signal.SIGINT, "--shared-burn-in",
         # 48 steps left after that evaluation, for a driver that prints late under load;
         # clipped, since a smoke Soft Teacher trial diverges by step 22 without
@@ -362,9 +383,10 @@ def test_shared_burn_in_runs_a_supervised_trial_first_for_each_ratio_and_fold():
         split_shared_burn_in(roots + branches, no_burn_in)
 
 
-def test_without_an_address_a_sweep_starts_a_cluster_of_its_own(monkeypatch):
+def test_without_an_address_a_sweep_starts_a_cluster_of_its_own(monkeypatch, capsys):
     """Beside another sweep's cluster, ray.init() would join the newest one and then refuse
-    num_cpus; a sweep without --address starts its own."""
+    num_cpus; a sweep without --address starts its own, its dashboard on 127.0.0.1 unless
+    asked (and then said in one line)."""
     import ray
 
     from softteacher.tune import cluster
@@ -376,7 +398,12 @@ def test_without_an_address_a_sweep_starts_a_cluster_of_its_own(monkeypatch):
     cluster.start_or_join(num_cpus=2)
     cluster.start_or_join(address="auto")
     assert calls[0]["address"] == "local" and calls[0]["num_cpus"] == 2
+    assert calls[0]["dashboard_host"] == "127.0.0.1"
     assert calls[1]["address"] == "auto" and "num_cpus" not in calls[1]
+    assert "warning" not in capsys.readouterr().out
+    cluster.start_or_join(num_cpus=2, dashboard_host="0.0.0.0")
+    assert calls[2]["dashboard_host"] == "0.0.0.0"
+    assert capsys.readouterr().out.startswith("warning: --dashboard-host 0.0.0.0: the dashboard")
 
 
 def test_both_sweep_commands_read_the_shared_options_alike(tmp_path):
@@ -390,12 +417,12 @@ def test_both_sweep_commands_read_the_shared_options_alike(tmp_path):
     ]  # fmt: skip
     sweep, table = fold_sweep.parse_args(shared), ablations.parse_args(shared)
     for name in ("preset", "max_steps", "overrides", "results_dir", "workers", "max_failures",
-                 "num_cpus", "address", "dashboard_port", "coco_root", "data_dir", "seeds",
-                 "seed"):  # fmt: skip
+                 "num_cpus", "address", "dashboard_port", "dashboard_host", "coco_root",
+                 "data_dir", "seeds", "seed"):  # fmt: skip
         assert getattr(sweep, name) == getattr(table, name), name
     assert fold_sweep.settings_from_args(sweep).seeds == (0, 1, 2)
-    assert ablations.settings_from_args(table).seeds == (0, 1, 2)
-    assert ablations.settings_from_args(ablations.parse_args(["--seed", "3"])).seeds == (3,)
+    assert ablations.settings_from_args(table).sweep.seeds == (0, 1, 2)
+    assert ablations.settings_from_args(ablations.parse_args(["--seed", "3"])).sweep.seeds == (3,)
     with pytest.raises(SystemExit):
         fold_sweep.parse_args(["--seeds", "1,1"])  # a seed given twice would count twice
     assert sweep.overrides == ["method.unsup_weight=2"] and sweep.max_steps == 3

@@ -11,6 +11,7 @@ from softteacher.run.spec import WorkerResources
 from softteacher.tune.monitor import DEFAULT_PROMETHEUS_HOST, PROMETHEUS_HOST_ENV
 
 DASHBOARD_HOST = "127.0.0.1"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DASHBOARD_PORT = 8265
 # Environment every Ray process of the sweep needs: the dashboard's Train view lists runs
 # only with state tracking on, and Ray Data's progress bars would flood the sweep's log.
@@ -24,10 +25,13 @@ def start_or_join(
     address: str | None = None,
     num_cpus: int | None = None,
     dashboard_port: int | None = None,
+    dashboard_host: str = DASHBOARD_HOST,
 ) -> str | None:
     """Join ``address`` (or ``RAY_ADDRESS``) if given, else start a local cluster whose
-    dashboard listens on 127.0.0.1:``dashboard_port`` (8265; ``choose_dashboard_port``
-    finds a free one first). Returns the dashboard URL, if any.
+    dashboard listens on ``dashboard_host``:``dashboard_port`` (127.0.0.1:8265;
+    ``choose_dashboard_port`` finds a free port first). Returns the dashboard URL, if any.
+    A dashboard on another address than loopback is said in one line: it accepts jobs
+    (code to run) from whoever reaches it with the cluster's token.
 
     A local cluster gets twice as many logical CPUs as the machine has cores unless told
     otherwise: the Ray Data actors that decode and augment mostly wait, and with logical
@@ -56,6 +60,12 @@ def start_or_join(
                 "~/.ray/auth_token; `ray get-auth-token` prints it)"
             ) from None
     else:
+        if dashboard_host not in LOOPBACK_HOSTS:
+            print(
+                f"warning: --dashboard-host {dashboard_host}: the dashboard accepts jobs from "
+                "any machine that reaches it and sends the cluster's token (~/.ray/auth_token); "
+                "keep that token secret and the port behind a firewall"
+            )
         # the dashboard's Metrics tab asks this Prometheus (experiments/monitor.py starts it)
         os.environ.setdefault(PROMETHEUS_HOST_ENV, DEFAULT_PROMETHEUS_HOST)
         # "local": a cluster of this sweep's own, even when another sweep's is running
@@ -64,7 +74,7 @@ def start_or_join(
             address="local",
             num_cpus=num_cpus or 2 * (os.cpu_count() or 1),
             include_dashboard=True,
-            dashboard_host=DASHBOARD_HOST,
+            dashboard_host=dashboard_host,
             dashboard_port=dashboard_port or DASHBOARD_PORT,
             runtime_env=runtime_env,
             log_to_driver=False,

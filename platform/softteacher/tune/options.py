@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from softteacher.presets import PRESETS
+from softteacher.tune.cluster import DASHBOARD_HOST
 
 
 class _AppendAmpOverride(argparse.Action):
@@ -70,6 +71,15 @@ def shared_options() -> argparse.ArgumentParser:
     )
     config.add_argument("--results-dir", type=Path, default=None)
     config.add_argument("--data-dir", type=Path, default=None)
+    config.add_argument(
+        "--on-bad-image",
+        choices=("skip", "fail"),
+        default="skip",
+        help="a training image that does not decode (every image is decoded once while the "
+        "shards are made, before any trial trains): skip leaves it out with one warning and "
+        "lists it in the shard set's skipped_images.json; fail stops before training. A bad "
+        "val image always stops (default: skip)",
+    )
     seeds = config.add_mutually_exclusive_group()
     seeds.add_argument(
         "--seed", type=int, default=None, help="the runs' seed (default: the preset's, 0)"
@@ -100,6 +110,12 @@ def shared_options() -> argparse.ArgumentParser:
     )
     workers.add_argument(
         "--num-cpus", type=int, default=None, help="logical CPUs of a local cluster"
+    )
+    workers.add_argument(
+        "--dashboard-host",
+        default=DASHBOARD_HOST,
+        help="the address a local cluster's dashboard listens on (default: 127.0.0.1, this "
+        "machine only; 0.0.0.0 exposes it, guarded by Ray's token authentication)",
     )
     workers.add_argument(
         "--dashboard-port",
