@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "softteacher"
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 LAYERS = {
     "config": 0,
+    "overrides": 0,
     "presets": 0,
     "names": 0,
     "files": 0,

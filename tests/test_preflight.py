@@ -17,8 +17,9 @@ import ray
 import torch
 
 from softteacher import preflight
-from softteacher.config import MethodConfig, apply_overrides
+from softteacher.config import MethodConfig
 from softteacher.data.coco import CocoFormatError, CocoSummary
+from softteacher.overrides import apply_overrides
 from softteacher.preflight import (
     UsageError,
     check_at_least_one,

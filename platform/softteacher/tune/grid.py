@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from softteacher.config import ExperimentConfig, apply_overrides
+from softteacher.config import ExperimentConfig
+from softteacher.overrides import apply_overrides
 from softteacher.presets import preset
 from softteacher.run.spec import WorkerResources
 
