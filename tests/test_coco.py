@@ -209,6 +209,18 @@ def test_crowd_annotations_are_skipped_and_counted(tmp_path: Path) -> None:
     np.testing.assert_array_equal(dataset.records[0].boxes, [[0, 0, 3, 3]])
 
 
+def test_a_file_whose_every_annotation_is_crowd_warns_it_has_no_training_box(
+    tmp_path: Path,
+) -> None:
+    annotations = [_annotation(id=1, iscrowd=1), _annotation(id=2, iscrowd=1)]
+    with pytest.warns(UserWarning, match="none of its 2 annotations is a training box .2 crowd"):
+        dataset = load_coco(_write(tmp_path, _with(annotations=annotations)))
+    assert dataset.crowd_boxes == 2
+    with warnings.catch_warnings():  # an unlabeled file: no annotation at all, no warning
+        warnings.simplefilter("error")
+        load_coco(_write(tmp_path, _with(annotations=[]), "unlabeled.json"))
+
+
 def test_check_same_categories(tmp_path: Path) -> None:
     labeled = load_coco(_write(tmp_path, BASE, "labeled.json"))
     same = load_coco(_write(tmp_path, _with(annotations=[]), "unlabeled.json"))

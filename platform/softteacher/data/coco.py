@@ -161,6 +161,15 @@ def load_coco(
             f"{counts['crowd']} crowd boxes skipped",
             stacklevel=2,
         )
+    if content["annotations"] and not keep.any():
+        # an unlabeled file has no annotations at all; a labeled one left without a box
+        # would teach its images as all background
+        warnings.warn(
+            f"{ann_file}: none of its {len(content['annotations'])} annotations is a training "
+            f"box ({counts['crowd']} crowd, {counts['dropped']} empty or out of their image); "
+            "its images would teach only background: check the file",
+            stacklevel=2,
+        )
     return CocoDataset(
         ann_file=ann_file,
         image_root=None if image_root is None else Path(image_root),
