@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -223,15 +224,26 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
         rows = list(csv.DictReader(handle))
     assert {row["method"] for row in rows} == {"supervised", "soft_teacher_jitter"}
 
-    # a new MLflow store (MLFLOW_TRACKING_URI; a deleted one reads the same): the same command
-    # logs the finished trials into it from Ray's results
+    # the results folder moved elsewhere: its MLflow store (artifacts at absolute paths in
+    # the old folder) is refused in one line, and with a new store (MLFLOW_TRACKING_URI; a
+    # deleted one reads the same) the same command resumes from the moved folder, logs the
+    # finished trials into the new store from Ray's results, and never touches the old one
     finals = {m: c.data.metrics["final/teacher/AP"] for m, c in children.items()}
+    moved = tmp_path / "moved"
+    shutil.move(results, moved)
+    with pytest.raises(SystemExit) as refused:
+        fold_sweep.main(_sweep_args(tmp_path, "--shared-burn-in", "--results-dir", str(moved)))
+    assert refused.value.code == 2
+    assert f"moved or copied from {results}: " in capsys.readouterr().err
     (tmp_path / "new").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")
-    fold_sweep.main(_sweep_args(tmp_path, "--shared-burn-in"))
+    capsys.readouterr()
+    fold_sweep.main(_sweep_args(tmp_path, "--shared-burn-in", "--results-dir", str(moved)))
     rebuilt_out = capsys.readouterr().out
+    assert f"resuming sweep from {moved}" in rebuilt_out
     assert rebuilt_out.count("finished in Ray's results, not in MLflow; logged again") == 2
     assert rebuilt_out.count("[start]") == 0  # nothing trained again
+    assert not results.exists() and len(list(moved.glob("*_table.csv"))) == 1
     client = MlflowClient(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("fold_sweep")
     runs = client.search_runs([experiment.experiment_id])

@@ -199,6 +199,26 @@ def test_deleted_experiment_is_a_one_line_error(uri, experiment):
         start_parent_run(uri, experiment, "sweep", {})
 
 
+def test_a_moved_store_is_a_one_line_error_not_writes_to_the_old_folder(tmp_path, experiment):
+    """MLflow records a local store's artifact folder as an absolute path: a results folder
+    moved elsewhere would go on writing into the old one."""
+    old, new = tmp_path / "results", tmp_path / "moved"
+    old.mkdir()
+    start_parent_run(f"sqlite:///{old / 'mlflow.db'}", experiment, "sweep", {})
+    shutil.move(old, new)
+    moved = f"sqlite:///{new / 'mlflow.db'}"
+    for use in (
+        lambda: resume_parent_run(moved, experiment, "sweep"),
+        lambda: start_parent_run(moved, experiment, "another", {}),
+    ):
+        with pytest.raises(TrackingError, match=f"moved or copied from {old}: .* new store"):
+            use()
+    assert not old.exists()  # nothing written there
+    fresh = f"sqlite:///{new / 'fresh.db'}"  # the fix the message gives
+    assert resume_parent_run(fresh, experiment, "sweep") is None
+    start_parent_run(fresh, experiment, "sweep", {})
+
+
 def test_finish_run_refuses_an_unknown_status():
     with pytest.raises(ValueError, match="not one of"):
         finish_run(RunRef("sqlite:////nowhere.db", "0", "0"), "DONE")

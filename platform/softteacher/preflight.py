@@ -31,6 +31,7 @@ from softteacher.data.shards import EmptyDatasetError
 from softteacher.files import nearest_existing
 from softteacher.model.detector import build_detector
 from softteacher.run.spec import WorkerResources
+from softteacher.track.mlflow_runs import TrackingError
 from softteacher.train.checkpoint import CheckpointError
 from softteacher.tune.ablation_tables import AblationTable
 from softteacher.tune.ablations import AblationSettings
@@ -51,6 +52,7 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,
     CorruptImageError,  # a bad image found while the driver prepares the folds
     EmptyDatasetError,  # a set of nothing but bad images
+    TrackingError,  # an MLflow store that cannot be used as asked (deleted, moved)
 )
 
 
