@@ -55,6 +55,18 @@ def test_progress_counts_ended_trials_of_the_whole_sweep(capsys) -> None:
     assert "[sweep] 1/3 trials ended" in out and "ETA" in out
 
 
+def test_a_trial_finished_earlier_in_mlflow_says_it_was_not_trained_again(capsys) -> None:
+    """The same sweep (its name) rerun against a store that holds it finished, e.g. with
+    only --results-dir changed: its trials are reported, not trained, and the line says so."""
+    printer = TrialEventPrinter(total=1)
+    result = {"teacher/AP": 12.5, "final": 1.0, "already_finished": 1.0}
+    trial = SimpleNamespace(**vars(_trial()), last_result=result)
+    printer.titles.update(trial.printer.titles)
+    printer.on_trial_complete(0, [], trial)
+    out = capsys.readouterr().out
+    assert "teacher mAP 12.50" in out and "not trained again; --name NEW" in out
+
+
 def test_a_trial_the_scheduler_stopped_is_printed_as_stopped(capsys) -> None:
     printer = TrialEventPrinter(total=2)
     result = {"teacher/AP": 3.0, "trained_steps": 50}

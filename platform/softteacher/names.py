@@ -25,6 +25,9 @@ EVAL_STEP = "eval_step"
 # Steps a trial has trained up to its latest evaluation (from its branch point when it
 # branched): the clock an early-stopping scheduler compares trials on.
 TRAINED_STEPS = "trained_steps"
+# A trial's final report that comes from its FINISHED MLflow run, not from training: the
+# same sweep (its name: settings and config) already finished it in this store.
+ALREADY_FINISHED = "already_finished"
 
 # The ``torch.profiler`` ranges of one training step (``record_function``), in step order;
 # the benchmark's step breakdown reads them. Two are nested: the jittering runs inside the

@@ -8,7 +8,14 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from softteacher.names import EVAL_STEP, IMAGES_PER_S, STUDENT_AP, TEACHER_AP, TRAINED_STEPS
+from softteacher.names import (
+    ALREADY_FINISHED,
+    EVAL_STEP,
+    IMAGES_PER_S,
+    STUDENT_AP,
+    TEACHER_AP,
+    TRAINED_STEPS,
+)
 
 
 class TrialEventPrinter(Callback):
@@ -58,10 +65,16 @@ class TrialEventPrinter(Callback):
             )
             self._progress()
             return
+        earlier = (
+            " (finished earlier in this MLflow store: not trained again; --name NEW trains "
+            "a new sweep)"
+            if result.get(ALREADY_FINISHED)
+            else ""
+        )
         print(
             f"[done]  {self.name(trial)} in {minutes:.1f} min: teacher mAP "
             f"{result.get(TEACHER_AP, float('nan')):.2f}, student mAP "
-            f"{result.get(STUDENT_AP, float('nan')):.2f}",
+            f"{result.get(STUDENT_AP, float('nan')):.2f}{earlier}",
             flush=True,
         )
         self._progress()

@@ -14,7 +14,13 @@ from ray import tune
 
 from softteacher.eval.inference import export_teacher
 from softteacher.files import write_atomically
-from softteacher.names import EVAL_STEP, FINAL_METRICS, FINAL_PREFIX, TRAINED_STEPS
+from softteacher.names import (
+    ALREADY_FINISHED,
+    EVAL_STEP,
+    FINAL_METRICS,
+    FINAL_PREFIX,
+    TRAINED_STEPS,
+)
 from softteacher.run.fit import RunResult, run
 from softteacher.run.multi_stage import run_multi_stage
 from softteacher.run.spec import RunSpec
@@ -115,7 +121,7 @@ def run_trial(config: dict, jobs: dict[str, TrialJob]) -> None:
         child, [s for s in job.data_splits if s.context != "unlabeled" or spec.unlabeled]
     )
     if run_status(child) == "FINISHED":
-        tune.report(_final_metrics_of(child) | {"final": 1.0})
+        tune.report(_final_metrics_of(child) | {"final": 1.0, ALREADY_FINISHED: 1.0})
         return
     spec = dataclasses.replace(spec, tracking=child)
     try:
