@@ -29,8 +29,8 @@ from softteacher.track.compare import (
     load_runs,
     newest_parent_run,
 )
-from softteacher.track.mlflow_runs import default_tracking_uri
 from softteacher.track.plots import PLOTS_ARTIFACT_PATH, log_plots_to_run, write_comparison_plots
+from softteacher.track.stores import default_tracking_uri
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CURVE_METRICS = (

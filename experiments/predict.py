@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from softteacher.track.mlflow_runs import default_tracking_uri
+    from softteacher.track.stores import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(DEFAULT_RESULTS_DIR)
     if args.model and (args.weights != "teacher" or args.checkpoint):

@@ -22,8 +22,6 @@ from softteacher.track import mlflow_runs
 from softteacher.track.datasets import DataSplit, log_data_inputs
 from softteacher.track.mlflow_runs import (
     RunRef,
-    TrackingError,
-    default_tracking_uri,
     find_child_run,
     find_or_start_child_run,
     finish_run,
@@ -37,6 +35,7 @@ from softteacher.track.mlflow_runs import (
     start_parent_run,
 )
 from softteacher.track.provenance import cpu_description, git_commit
+from softteacher.track.stores import TrackingError, default_tracking_uri
 from softteacher.track.tables import (
     DuplicateFoldError,
     TrialResult,

@@ -31,7 +31,7 @@ from softteacher.data.shards import EmptyDatasetError
 from softteacher.files import nearest_existing
 from softteacher.model.detector import build_detector
 from softteacher.run.spec import WorkerResources
-from softteacher.track.mlflow_runs import TrackingError
+from softteacher.track.stores import TrackingError
 from softteacher.train.checkpoint import CheckpointError
 from softteacher.tune.ablation_tables import AblationTable
 from softteacher.tune.ablations import AblationSettings

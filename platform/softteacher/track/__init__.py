@@ -2,8 +2,6 @@
 
 from softteacher.track.mlflow_runs import (
     RunRef,
-    TrackingError,
-    default_tracking_uri,
     find_or_start_child_run,
     finish_run,
     log_file_artifact,
@@ -18,6 +16,7 @@ from softteacher.track.mlflow_runs import (
     start_parent_run,
 )
 from softteacher.track.provenance import git_commit
+from softteacher.track.stores import TrackingError, default_tracking_uri
 from softteacher.track.tables import (
     DuplicateFoldError,
     FoldSummary,

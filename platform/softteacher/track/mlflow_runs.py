@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import math
-import os
 import re
 import tempfile
 import time
@@ -27,11 +26,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from softteacher.names import FINAL_PREFIX
+from softteacher.track.stores import (
+    TrackingError,
+    artifact_location,
+    check_artifacts_beside_the_store,
+)
 
 _logger = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
-ARTIFACTS_DIR = "mlartifacts"  # beside a local sqlite store's db
 # MLflow 3's experiment kind: without it the UI opens a new experiment on the GenAI
 # "Overview" page (traces, latency) instead of the runs table.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -52,10 +55,6 @@ _LOCK_FIRST_WAIT_S = 0.2
 T = TypeVar("T")
 
 
-class TrackingError(RuntimeError):
-    """The MLflow store cannot be used as asked (deleted experiment, unusable run name)."""
-
-
 @dataclass(frozen=True)
 class RunRef:
     """Everything a process needs to log to one run, without MLflow's active-run state."""
@@ -63,17 +62,6 @@ class RunRef:
     tracking_uri: str
     run_id: str
     experiment_id: str
-
-
-def default_tracking_uri(results_dir: Path) -> str:
-    """MLFLOW_TRACKING_URI when set; otherwise an absolute sqlite URI in ``results_dir``.
-
-    Absolute because Ray workers run in their own working directories.
-    """
-    from_env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if from_env:
-        return from_env
-    return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
 
 
 def sanitize_key(key: str) -> str:
@@ -118,7 +106,7 @@ def resume_parent_run(tracking_uri: str, experiment: str, run_name: str) -> RunR
     found = with_lock_retry(client.get_experiment_by_name, experiment)
     if found is None or found.lifecycle_stage != "active":
         return None
-    _check_artifacts_beside_the_store(found.artifact_location, tracking_uri)
+    check_artifacts_beside_the_store(found.artifact_location, tracking_uri)
     runs = _search_all(
         client,
         found.experiment_id,
@@ -344,14 +332,14 @@ def _experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
             return with_lock_retry(
                 client.create_experiment,
                 name,
-                artifact_location=_artifact_location(tracking_uri),
+                artifact_location=artifact_location(tracking_uri),
                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
             )
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             found = client.get_experiment_by_name(name)
-    _check_artifacts_beside_the_store(found.artifact_location, tracking_uri)
+    check_artifacts_beside_the_store(found.artifact_location, tracking_uri)
     if found.lifecycle_stage != "active":
         raise TrackingError(
             f"MLflow experiment {name!r} in {tracking_uri} is deleted; restore it "
@@ -359,37 +347,6 @@ def _experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
             "or choose another experiment name"
         )
     return found.experiment_id
-
-
-def _check_artifacts_beside_the_store(artifact_location: str, tracking_uri: str) -> None:
-    """A local store keeps its artifacts beside its db (``_artifact_location``), and MLflow
-    records that folder as an absolute path: a results folder moved or copied elsewhere
-    would go on writing its runs' artifacts into the old one."""
-    expected = _artifact_location(tracking_uri)
-    if expected is None or artifact_location == expected:
-        return
-    if not artifact_location.rstrip("/").endswith("/" + ARTIFACTS_DIR):
-        return  # a store whose experiments were made elsewhere, with artifacts of their own
-    old = artifact_location.rstrip("/").removeprefix("file://").removesuffix("/" + ARTIFACTS_DIR)
-    raise TrackingError(
-        f"{tracking_uri} was moved or copied from {old}: MLflow keeps its runs' artifacts "
-        f"there, so this sweep would write into {old}; move the folder back, or log to a new "
-        "store (MLFLOW_TRACKING_URI=sqlite:///<folder>/mlflow.db: the sweep logs its finished "
-        "trials there again from Ray's results and resumes the others)"
-    )
-
-
-def _artifact_location(tracking_uri: str) -> str | None:
-    """``file://<db folder>/mlartifacts`` for a local sqlite store, else the server's default.
-
-    MLflow's own default for sqlite is ./mlruns of whatever directory the process was in when
-    it first opened the store, which differs between Ray workers.
-    """
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix) or ":memory:" in tracking_uri:
-        return None
-    db_file = Path(tracking_uri[len(prefix) :].split("?", 1)[0]).resolve()
-    return (db_file.parent / ARTIFACTS_DIR).as_uri()
 
 
 def _search_all(client: MlflowClient, experiment_id: str, filter_string: str, order_by):

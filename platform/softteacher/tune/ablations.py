@@ -27,12 +27,12 @@ from softteacher.config import ExperimentConfig
 from softteacher.files import write_atomically
 from softteacher.names import TEACHER_AP, model_metric
 from softteacher.track.mlflow_runs import (
-    default_tracking_uri,
     finish_run,
     log_file_artifact,
     resume_parent_run,
 )
 from softteacher.track.render import markdown_table, plain_table
+from softteacher.track.stores import default_tracking_uri
 from softteacher.train.checkpoint import CheckpointError, checkpoint_step
 from softteacher.tune.ablation_tables import (
     TABLES,

@@ -29,7 +29,6 @@ from softteacher.names import FINAL_METRICS, TRAINED_STEPS
 from softteacher.run.spec import RunSpec, WorkerResources
 from softteacher.track.mlflow_runs import (
     RunRef,
-    default_tracking_uri,
     find_child_run,
     finish_run,
     finish_running_children,
@@ -40,6 +39,7 @@ from softteacher.track.mlflow_runs import (
     start_parent_run,
 )
 from softteacher.track.provenance import git_commit
+from softteacher.track.stores import default_tracking_uri
 from softteacher.track.tables import (
     TrialResult,
     format_table,
