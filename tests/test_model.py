@@ -374,7 +374,7 @@ def test_boxes_on_an_uncertain_candidate_get_no_background_weight():
     uncertain = torch.tensor([[30.0, 30, 50, 50]])
     pseudo = _pseudo(torch.tensor([[0.0, 0, 20, 20]]), torch.zeros(0, 4), uncertain)
     proposals = [torch.tensor([[31.0, 31, 50, 50], [2.0, 2, 20, 20], [0.0, 40, 10, 60]])]
-    reliability = losses._reliability(torch.zeros(3, 5), proposals, pseudo, teacher_bg=None)
+    reliability = losses.reliability(torch.zeros(3, 5), proposals, pseudo, teacher_bg=None)
     assert reliability[0] == 0  # on the uncertain box: ignored
     assert reliability[1] > 0.8 and reliability[2] == 0  # the IoU indicator itself
 
@@ -386,10 +386,10 @@ def test_background_weights_read_the_classification_uncertain_set_only():
     proposals = [torch.tensor([[31.0, 31, 50, 50], [0.0, 40, 10, 60]])]
     cls_box = torch.tensor([[0.0, 0, 20, 20]])
     rpn_only = _pseudo(cls_box, rpn_uncertain=uncertain, cls_uncertain=torch.zeros(0, 4))
-    reliability = losses._reliability(torch.zeros(2, 5), proposals, rpn_only, teacher_bg=None)
+    reliability = losses.reliability(torch.zeros(2, 5), proposals, rpn_only, teacher_bg=None)
     assert reliability.tolist() == [1.0, 1.0]
     cls_only = _pseudo(cls_box, rpn_uncertain=torch.zeros(0, 4), cls_uncertain=uncertain)
-    reliability = losses._reliability(torch.zeros(2, 5), proposals, cls_only, teacher_bg=None)
+    reliability = losses.reliability(torch.zeros(2, 5), proposals, cls_only, teacher_bg=None)
     assert reliability.tolist() == [0.0, 1.0]
 
 

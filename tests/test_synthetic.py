@@ -169,7 +169,7 @@ def test_a_killed_generation_leaves_no_set_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    real = synthetic._write_image
+    real = synthetic.write_image
 
     def dies_after_three(*args, **kwargs):
         calls["n"] += 1
@@ -177,7 +177,7 @@ def test_a_killed_generation_leaves_no_set_behind(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(synthetic, "_write_image", dies_after_three)
+    monkeypatch.setattr(synthetic, "write_image", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         ensure_synthetic_coco(tmp_path / "set", TINY)
     assert os.listdir(tmp_path) == [".set.lock"]

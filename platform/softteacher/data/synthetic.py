@@ -100,7 +100,7 @@ def validate_config(cfg: SyntheticConfig) -> None:
 # --------------------------------------------------------------------------- writing
 
 
-def _write_image(cfg: SyntheticConfig, split: str, index: int, image_dir: Path) -> tuple:
+def write_image(cfg: SyntheticConfig, split: str, index: int, image_dir: Path) -> tuple:
     """Render and save one image; return ``(width, height, [(category_id, bbox), ...])``."""
     rendered = render_synthetic_image(cfg, split, index)
     buffer = io.BytesIO()
@@ -131,7 +131,7 @@ def generate_synthetic_coco(out_dir: Path, cfg: SyntheticConfig) -> SyntheticDat
     for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
         image_dir = dataset.image_dir(split)
         image_dir.mkdir(parents=True, exist_ok=True)
-        per_image = [_write_image(cfg, split, i, image_dir) for i in range(count)]
+        per_image = [write_image(cfg, split, i, image_dir) for i in range(count)]
         _write_annotations(dataset.ann_file(split), cfg, per_image)
     manifest = {"version": GENERATOR_VERSION, "config": dataclasses.asdict(cfg)}
     (dataset.root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))

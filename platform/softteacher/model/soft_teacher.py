@@ -91,7 +91,7 @@ class StudentLosses(nn.Module):
         boxes, _, labels, targets = heads.select_training_samples(proposals, pseudo.cls)
         logits, deltas = box_head_outputs(self.detector, features, boxes, images.image_sizes)
         labels_flat = torch.cat(labels)
-        reliability = self._reliability(logits, boxes, pseudo, teacher_bg)
+        reliability = self.reliability(logits, boxes, pseudo, teacher_bg)
         losses["unsup_cls"] = reliability_weighted_ce(
             logits, labels_flat, reliability, self.cfg.soft_weight_norm
         )
@@ -101,7 +101,7 @@ class StudentLosses(nn.Module):
         losses["unsup_reg"] = fastrcnn_loss(logits, deltas, labels, targets)[1]
         return losses
 
-    def _reliability(
+    def reliability(
         self,
         logits: Tensor,
         boxes: list[Tensor],
