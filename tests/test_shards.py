@@ -235,14 +235,17 @@ def _refuse_to_decode(path: str):
 
 
 def test_a_cached_set_is_not_decoded_again(
-    dataset: CocoDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dataset: CocoDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
     _damage(dataset, 3)
     first = write_shards(dataset, tmp_path / "cache", rows_per_shard=8)
     monkeypatch.setattr(image_check, "_outcomes", {})  # nothing remembered in this process
     monkeypatch.setattr(image_check, "check_image_file", _refuse_to_decode)
+    capsys.readouterr()
 
     assert write_shards(dataset, tmp_path / "cache", rows_per_shard=8) == first
+    # the set is smaller than its file: said again at every use, without decoding
+    assert "1 of 24 images in" in capsys.readouterr().err
     # the patch does bite: a set not cached is decoded
     with pytest.raises(AssertionError, match="decoded"):
         write_shards(dataset, tmp_path / "cache", rows_per_shard=9)

@@ -118,6 +118,11 @@ def write_shards(
             listed = json.loads((final / SKIPPED_LIST).read_text())
             bad = [(entry["file_name"], entry["error"]) for entry in listed]
             raise CorruptImageError(_bad_images_line(dataset, bad))
+        if existing.num_skipped:  # said again at every use: the set is smaller than its file
+            _warn(
+                f"{existing.num_skipped} of {len(records)} images in {dataset.ann_file} are "
+                f"left out (they do not decode; the list is in {final / SKIPPED_LIST})"
+            )
         return existing
     checked = check_records(records, paths, stats, dataset.ann_file.name)
     if checked.bad and on_bad_image == "fail":
