@@ -23,6 +23,7 @@ from pathlib import Path
 from softteacher.data.coco import CocoDataset
 from softteacher.data.images import CorruptImageError, check_image_file
 from softteacher.data.samples import ImageRecord
+from softteacher.files import write_atomically
 
 # Fewer images are checked in this process: a pool's start costs more than it saves.
 PARALLEL_FROM = 256
@@ -172,6 +173,4 @@ def check_val_images(val: CocoDataset, marker_dir: Path, ann_digest: str) -> Non
             "annotation file or replace the images"
         )
     marker.parent.mkdir(parents=True, exist_ok=True)
-    staging = marker.with_name(f".{marker.name}.{os.getpid()}")
-    staging.write_text(json.dumps({"ann_file": str(val.ann_file), "num_images": total}))
-    os.replace(staging, marker)
+    write_atomically(marker, json.dumps({"ann_file": str(val.ann_file), "num_images": total}))
