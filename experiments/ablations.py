@@ -82,13 +82,12 @@ def settings_from_args(args: argparse.Namespace) -> AblationSettings:
         gpus_per_worker=args.gpus_per_worker,
         max_failures=args.max_failures,
     )
-    defaults = SweepSettings()
     sweep = SweepSettings(
         preset=preset_name,
         ratios=(args.ratio,),
         folds=(args.fold,),
-        results_dir=str(args.results_dir or defaults.results_dir),
-        data_dir=str(args.data_dir or defaults.data_dir),
+        results_dir=str(args.results_dir or SweepSettings.results_dir),
+        data_dir=str(args.data_dir or SweepSettings.data_dir),
         on_bad_image=args.on_bad_image,
         coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
         resources=resources,

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", type=_names, default=("fold_sweep",),
                         help="MLflow experiment name(s), comma-separated")
     parser.add_argument("--by", type=_names, default=("method", "ratio"),
-                        help="params to group by (method, ratio, cls_thr, method.cls_thr, ...)")
+                        help="params to group by (method, ratio, fold, method.cls_thr, ...)")
     parser.add_argument("--metrics", type=_names, default=DEFAULT_METRICS,
                         help="metrics to reduce over each group")
     parser.add_argument("--tracking-uri", default=None,

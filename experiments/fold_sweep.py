@@ -126,7 +126,6 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         gpus_per_worker=args.gpus_per_worker,
         max_failures=args.max_failures,
     )
-    defaults = SweepSettings()
     overrides = tuple(args.overrides)
     return SweepSettings(
         preset=preset_name,
@@ -138,8 +137,8 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         baseline=args.baseline,
         shared_burn_in=args.shared_burn_in,
         coco_root=str(args.coco_root.resolve()) if args.coco_root else None,
-        results_dir=str(args.results_dir or defaults.results_dir),
-        data_dir=str(args.data_dir or defaults.data_dir),
+        results_dir=str(args.results_dir or SweepSettings.results_dir),
+        data_dir=str(args.data_dir or SweepSettings.data_dir),
         on_bad_image=args.on_bad_image,
         resources=resources,
         max_steps=args.max_steps,

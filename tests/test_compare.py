@@ -63,19 +63,17 @@ class Store:
 
 
 def _trial_params(method: str, ratio: float, fold: int) -> dict[str, object]:
-    """As run_trial logs them: the TrialSpec fields, the run's identity, config fields."""
+    """As run_trial logs them (``trial.trial_params``): the data's ratio and fold, the short
+    keys, and config fields under the config's names."""
     return {
         "ratio": ratio,
         "fold": fold,
         "method": method,
-        "cls_thr": 0.9,
-        "reg_thr": 0.02,
-        "indicator": None,
-        "n_jitter": None,
-        "preset": "smoke",
         "seed": 0,
+        "preset": "smoke",
         "git_commit": "test",
         "method.cls_thr": 0.9,
+        "method.reg_thr": 0.02,
         "method.method": method,
     }
 
@@ -213,7 +211,7 @@ def test_user_errors_name_what_is_wrong_and_the_choices(store: Store):
     with pytest.raises(NoRunsError, match="no runs under parent run 0123abcd"):
         load_runs(store.uri, ["fold_sweep"], parent_run_id="0123abcd")
     runs = load_runs(store.uri, ["fold_sweep"])
-    with pytest.raises(UnknownFieldError, match="param 'methd'.*cls_thr, fold, git_commit"):
+    with pytest.raises(UnknownFieldError, match="param 'methd'.*fold, git_commit, method"):
         group_summary(runs, ["methd"], ["final/teacher/AP"])
     with pytest.raises(UnknownFieldError, match="metric 'final/teacher/mAP'.*final/teacher/AP"):
         group_summary(runs, ["method"], ["final/teacher/mAP"])

@@ -70,8 +70,6 @@ def _trial_params(fold: int) -> dict[str, object]:
         "ratio": 10.0,
         "fold": fold,
         "method": "soft_teacher_jitter",
-        "cls_thr": 0.9,
-        "reg_thr": 0.02,
         "seed": 7,
         **ExperimentConfig().flat(),
     }

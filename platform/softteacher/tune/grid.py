@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from softteacher.config import ExperimentConfig
+from softteacher.data.shards import BadImagePolicy
 from softteacher.overrides import apply_overrides
 from softteacher.presets import preset
 from softteacher.run.spec import WorkerResources
@@ -150,7 +151,7 @@ class SweepSettings:
     # (Ray's storage and the trials' processes need absolute paths)
     results_dir: str = "experiments/results"
     data_dir: str = "data"
-    on_bad_image: str = "skip"  # a training image that does not decode: "skip" or "fail"
+    on_bad_image: BadImagePolicy = "skip"  # a training image that does not decode
     resources: WorkerResources = field(default_factory=WorkerResources)
     max_steps: int | None = None
     ckpt_every: int | None = None
