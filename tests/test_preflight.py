@@ -63,6 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("train", {"log_every": 0}, "train.log_every must be >= 1, got 0; "),
         ("train", {"labeled_per_step": 0}, "train.labeled_per_step must be >= 1, got 0; "),
         ("train", {"unlabeled_per_step": 0}, "train.unlabeled_per_step must be >= 1, got 0; "),
+        ("train", {"supervised_per_step": 0}, "train.supervised_per_step must be >= 1, got 0; "),
         ("optim", {"lr": 0.0}, "optim.lr must be > 0, got 0.0; "),
     ],
 )
@@ -70,6 +71,18 @@ def test_config_rejects_values_outside_their_range(section, changes, message):
     with pytest.raises(ValueError, match=message) as error:
         preset("smoke").replace(**{section: changes})
     assert "\n" not in str(error.value)
+
+
+def test_a_supervised_step_takes_its_own_image_count_when_set():
+    paper_ratio = preset("smoke").replace(
+        method={"burn_in_steps": 2}, train={"max_steps": 4, "labeled_per_step": 1}
+    )
+    assert [paper_ratio.step_batch_sizes(s) for s in range(4)] == [(5, 0), (5, 0), (1, 4), (1, 4)]
+    labeled_kept = paper_ratio.replace(train={"labeled_per_step": 5, "supervised_per_step": 5})
+    assert [labeled_kept.step_batch_sizes(s) for s in range(4)] == [(5, 0), (5, 0), (5, 4), (5, 4)]
+    assert labeled_kept.rows_needed(1) == (15, 8)
+    baseline = labeled_kept.replace(method={"method": "supervised"})
+    assert baseline.step_batch_sizes(3) == (5, 0)
 
 
 def test_jitter_count_matters_only_with_jitter():

@@ -240,6 +240,11 @@ class TrainConfig:
     max_steps: int = 180_000
     labeled_per_step: int = 1
     unlabeled_per_step: int = 4
+    # images a supervised step takes (the baseline's, and burn-in's); None: as many as a
+    # semi-supervised step, so that both arms see as many images a step (CALIBRATION.md: 1
+    # labeled image a step alone starves the detector). Set it to ``labeled_per_step`` to
+    # give the semi-supervised step the baseline's labeled images plus unlabeled ones.
+    supervised_per_step: int | None = None
     eval_every: int = 4000
     ckpt_every: int = 4000
     log_every: int = 50
@@ -268,6 +273,11 @@ class TrainConfig:
             "train", self, ("max_steps", "labeled_per_step", "unlabeled_per_step"), 1,
             "a run needs at least one step, and at least one image of each kind a step",
         )
+        if self.supervised_per_step is not None:
+            _require_at_least(
+                "train", self, ("supervised_per_step",), 1,
+                "a supervised step needs an image (leave it unset for labeled + unlabeled)",
+            )
         _require_at_least(
             "train", self, ("eval_every", "ckpt_every", "log_every"), 1,
             "it is a number of steps (give a large one to do it rarely)",
@@ -283,6 +293,13 @@ class TrainConfig:
     @property
     def images_per_step(self) -> int:
         return self.labeled_per_step + self.unlabeled_per_step
+
+    @property
+    def supervised_images(self) -> int:
+        """Images of a supervised step."""
+        if self.supervised_per_step is not None:
+            return self.supervised_per_step
+        return self.images_per_step
 
 
 @dataclass(frozen=True)
@@ -308,14 +325,11 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def step_batch_sizes(self, step: int) -> tuple[int, int]:
-        """Labeled and unlabeled images at ``step``. A supervised step (the baseline, and a
-        semi-supervised run's burn-in) takes as many images as a semi-supervised one, all
-        labeled (CALIBRATION.md: 1 labeled a step alone starves the detector), in whole
-        units of ``labeled_per_step`` so that one labeled stream serves both phases."""
+        """Labeled and unlabeled images at ``step``: a supervised step (the baseline, and a
+        semi-supervised run's burn-in) takes ``train.supervised_images`` labeled images."""
         if self.method.uses_unlabeled and step >= self.method.burn_in_steps:
             return self.train.labeled_per_step, self.train.unlabeled_per_step
-        units = max(1, self.train.images_per_step // self.train.labeled_per_step)
-        return units * self.train.labeled_per_step, 0
+        return self.train.supervised_images, 0
 
     def rows_needed(self, start_step: int) -> tuple[int, int]:
         """Labeled and unlabeled rows the steps from ``start_step`` to ``max_steps`` take: a
