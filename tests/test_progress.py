@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from softteacher.tune.grid import TrialSpec
-from softteacher.tune.progress import TrialEventPrinter
+from softteacher.tune.progress import SweepClock, TrialEventPrinter
 
 
 def trial_name(trial: SimpleNamespace) -> str:
@@ -77,3 +79,54 @@ def test_a_trial_the_scheduler_stopped_is_printed_as_stopped(capsys) -> None:
     out = capsys.readouterr().out
     assert "[stopped] 10% fold 1 soft_teacher cls_thr 0.7 reg_thr 0.02 by ASHA after 50" in out
     assert "[done]" not in out and "[sweep] 1/2 trials ended" in out
+
+
+class _FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_the_eta_expects_each_kind_of_trial_to_take_what_its_finished_ones_took(
+    monkeypatch,
+) -> None:
+    """Two slots; whole supervised runs take 240 s, branches off their burn-in 90 s."""
+    fake = _FakeTime()
+    monkeypatch.setattr("softteacher.tune.progress.time", fake)
+    clock = SweepClock()
+    roots = [TrialSpec(10.0, f, "supervised", 0.7, 0.02) for f in (1, 2, 3)]
+    branches = [
+        TrialSpec(10.0, f, "soft_teacher", 0.7, 0.02, branch_from=f"/ckpt/{f}") for f in (1, 2, 3)
+    ]
+    clock.plan({s.name: s.kind for s in roots + branches})
+    assert clock.eta_s() is None  # nothing measured yet
+    clock.started("a", roots[0].name)
+    clock.started("b", roots[1].name)
+    fake.now = 240.0
+    clock.ended("a", roots[0].name)
+    # left: root b (running 240 s of 240) + root 3 (240) + 3 branches (no branch measured:
+    # 240 each as the overall mean) over 2 slots
+    assert clock.eta_s() == pytest.approx((0 + 240 + 3 * 240) / 2)
+    clock.started("c", branches[0].name)
+    fake.now = 330.0
+    clock.ended("c", branches[0].name)
+    # left: root b (0 s more: past its expected time), root 3: 240, 2 branches: 90 each
+    assert clock.eta_s() == pytest.approx((0 + 240 + 2 * 90) / 2)
+
+
+def test_the_eta_ignores_trials_that_did_not_train_to_their_end(monkeypatch) -> None:
+    fake = _FakeTime()
+    monkeypatch.setattr("softteacher.tune.progress.time", fake)
+    clock = SweepClock()
+    specs = [TrialSpec(10.0, f, "supervised", 0.7, 0.02) for f in (1, 2)]
+    clock.plan({s.name: s.kind for s in specs})
+    clock.started("a", specs[0].name)
+    fake.now = 5.0
+    clock.ended("a", specs[0].name, timed=False)  # failed, or reported from MLflow
+    assert clock.eta_s() is None
+    clock.started("b", specs[1].name)
+    fake.now = 105.0
+    clock.ended("b", specs[1].name)
+    assert clock.eta_s() == 0.0

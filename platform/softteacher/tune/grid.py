@@ -41,6 +41,12 @@ class TrialSpec:
         return name + "".join(f"-{short}" for short, _ in self._set_fields())
 
     @property
+    def kind(self) -> str:
+        """Trials that take about as long: the method, and whether it branches off a burn-in
+        (it then trains the semi-supervised phase only)."""
+        return f"{self.method} (branch)" if self.branch_from else self.method
+
+    @property
     def title(self) -> str:
         """The trial as the terminal shows it:
         ``10% fold 1 supervised cls_thr 0.7 reg_thr 0.02``."""

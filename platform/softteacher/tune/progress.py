@@ -3,7 +3,10 @@ after each finished trial where the whole sweep stands: trials done, elapsed tim
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 from ray.tune import Callback
@@ -18,25 +21,91 @@ from softteacher.names import (
 )
 
 
+class SweepClock:
+    """The sweep's ETA from its measured trial times.
+
+    Trials of one kind (``TrialSpec.kind``: a branch off a burn-in trains a fraction of a
+    whole run) are expected to take what the finished ones of that kind took, a kind with
+    none finished what all finished trials took; the work left is shared by as many slots
+    as have run trials at once. Until a trial has finished there is no estimate.
+    """
+
+    def __init__(self) -> None:
+        self.began = time.monotonic()
+        self._kinds: dict[str, str] = {}  # job name -> kind
+        self._planned: Counter[str] = Counter()
+        self._ended: Counter[str] = Counter()
+        self._running: dict[str, tuple[str, float]] = {}  # trial id -> (kind, start)
+        self._took: dict[str, list[float]] = defaultdict(list)
+        self._most_at_once = 1
+
+    def plan(self, kinds: Mapping[str, str]) -> None:
+        """Jobs (name -> kind) the sweep will run."""
+        for job, kind in kinds.items():
+            if job not in self._kinds:
+                self._planned[kind] += 1
+            self._kinds[job] = kind
+
+    def started(self, trial_id: str, job: str | None) -> None:
+        self._running[trial_id] = (self._kinds.get(job, ""), time.monotonic())
+        self._most_at_once = max(self._most_at_once, len(self._running))
+
+    def age_s(self, trial_id: str) -> float:
+        """Seconds since the trial started (0 for one this sweep did not see start)."""
+        _, start = self._running.get(trial_id, ("", None))
+        return 0.0 if start is None else time.monotonic() - start
+
+    def ended(self, trial_id: str, job: str | None, *, timed: bool = True) -> None:
+        """A trial ended; ``timed``: it trained to its end here (a failed or stopped trial,
+        or one reported from MLflow, tells nothing of how long one takes)."""
+        kind, start = self._running.pop(trial_id, (self._kinds.get(job, ""), None))
+        self._ended[kind] += 1
+        if timed and start is not None:
+            self._took[kind].append(time.monotonic() - start)
+
+    def eta_s(self) -> float | None:
+        every = [s for took in self._took.values() for s in took]
+        if not every:
+            return None
+        overall = statistics.mean(every)
+
+        def expected(kind: str) -> float:
+            return statistics.mean(self._took[kind]) if self._took[kind] else overall
+
+        now = time.monotonic()
+        running = Counter(kind for kind, _ in self._running.values())
+        work = sum(
+            max(self._planned[kind] - self._ended[kind] - running[kind], 0) * expected(kind)
+            for kind in self._planned
+        )
+        work += sum(
+            max(expected(kind) - (now - start), 0.0) for kind, start in self._running.values()
+        )
+        return work / self._most_at_once
+
+
 class TrialEventPrinter(Callback):
     """Prints a trial's start, each new evaluation, its end or its error.
 
-    One printer serves every Tune experiment of a sweep (a shared burn-in runs two), so
-    ``total`` is the sweep's trial count and the ETA extrapolates the sweep's own pace:
-    elapsed time per finished trial, concurrency included.
+    One printer serves every Tune experiment of a sweep, so ``total`` is the sweep's trial
+    count; ``plan`` tells it each job's kind for the ETA (``SweepClock``).
     """
 
     def __init__(self, total: int) -> None:
         self._total = total
         # a trial's config holds its job's name; the terminal shows the job's title
         self.titles: dict[str, str] = {}
-        self._begun = time.monotonic()
+        self.clock = SweepClock()
         self._ended = 0
-        self._started: dict[str, float] = {}
         self._last_eval_step: dict[str, int] = {}  # trial id -> step of its last evaluation
 
+    def plan(self, titles: Mapping[str, str], kinds: Mapping[str, str]) -> None:
+        """The jobs of a Tune experiment: name -> terminal title, and name -> kind."""
+        self.titles.update(titles)
+        self.clock.plan(kinds)
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._started[trial.trial_id] = time.monotonic()
+        self.clock.started(trial.trial_id, trial.config.get("job"))
         print(f"[start] {self.name(trial)}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -54,7 +123,7 @@ class TrialEventPrinter(Callback):
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        minutes = (time.monotonic() - self._started.get(trial.trial_id, time.monotonic())) / 60
+        minutes = self.clock.age_s(trial.trial_id) / 60
         result = trial.last_result or {}
         if "final" not in result and TRAINED_STEPS in result:  # ended by the scheduler
             print(
@@ -63,7 +132,7 @@ class TrialEventPrinter(Callback):
                 f"{result.get(TEACHER_AP, float('nan')):.2f}",
                 flush=True,
             )
-            self._progress()
+            self._progress(trial, timed=False)
             return
         earlier = (
             " (finished earlier in this MLflow store: not trained again; --name NEW trains "
@@ -77,25 +146,31 @@ class TrialEventPrinter(Callback):
             f"{result.get(STUDENT_AP, float('nan')):.2f}{earlier}",
             flush=True,
         )
-        self._progress()
+        self._progress(trial, timed=not result.get(ALREADY_FINISHED))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         print(f"[error] {self.name(trial)}: {_error_line(trial)}", flush=True)
-        self._progress()
+        self._progress(trial, timed=False)
 
     def name(self, trial) -> str:
         """``10% fold 1 soft_teacher cls_thr 0.7 reg_thr 0.02``, or Tune's id for a trial of
         no job."""
         return self.titles.get(trial.config.get("job"), trial.trial_id)
 
-    def _progress(self) -> None:
+    def _progress(self, trial, *, timed: bool) -> None:
         self._ended += 1
-        elapsed = time.monotonic() - self._begun
-        left = max(self._total - self._ended, 0)
-        eta = elapsed / self._ended * left
+        self.clock.ended(trial.trial_id, trial.config.get("job"), timed=timed)
+        elapsed = time.monotonic() - self.clock.began
+        eta = self.clock.eta_s()
+        if self._ended >= self._total:
+            left = ""
+        elif eta is None:
+            left = ", ETA once a trial has trained to its end"
+        else:
+            left = f", ETA {eta / 60:.1f} min"
         print(
             f"[sweep] {self._ended}/{self._total} trials ended, {elapsed / 60:.1f} min "
-            f"elapsed, ETA {eta / 60:.1f} min",
+            f"elapsed{left}",
             flush=True,
         )
 

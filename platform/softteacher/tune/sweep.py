@@ -247,7 +247,10 @@ def _run_grid(
     # keeps a restored trial's config as it was saved, and an object in it as a placeholder
     # that a trial started in a reused process would receive as is.
     by_name = {job.point.name: job for job in jobs}
-    printer.titles.update({name: job.point.title for name, job in by_name.items()})
+    printer.plan(
+        {name: job.point.title for name, job in by_name.items()},
+        {name: job.point.kind for name, job in by_name.items()},
+    )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, jobs=by_name), trial_resources(settings.resources)
     )
