@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
 
 VarianceNorm = Literal["paper", "original"]
 
@@ -56,3 +58,26 @@ def box_jitter_variance(
     else:
         scale = torch.stack([widths, heights, widths, heights], dim=1)
     return (sigma / scale).mean(dim=1)
+
+
+def refined_jitter_variance(
+    deltas: Tensor,
+    jittered: Tensor,
+    boxes: Tensor,
+    image_size: tuple[int, int],
+    norm: VarianceNorm = "paper",
+    weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+    bbox_xform_clip: float = math.log(1000.0 / 16),
+) -> Tensor:
+    """``box_jitter_variance`` of the jittered copies refined by their regression deltas:
+    ``refine`` of Eq. 7 (torchvision's ``BoxCoder`` decode, ``weights`` and
+    ``bbox_xform_clip`` those of the detector's ROI head, torchvision's defaults here), then
+    Eq. 8-9. ``deltas`` are each candidate's own class's, ``(n_jitter, N, 4)`` as
+    ``jittered``. The reference of the fused kernel (``triton_jitter_variance``); the same
+    numbers as the method's CPU path, which decodes every class and picks afterwards.
+    """
+    if len(boxes) == 0:  # as the method's CPU path: no std of nothing (torch warns)
+        return boxes.new_zeros(0)
+    coder = BoxCoder(weights, bbox_xform_clip)
+    refined = coder.decode_single(deltas.reshape(-1, 4), jittered.reshape(-1, 4))
+    return box_jitter_variance(refined.reshape(deltas.shape), boxes, image_size, norm)

@@ -18,6 +18,7 @@ Indicator = Literal["bg_teacher", "bg_student", "pred_diff", "iou", "reverse_iou
 SoftWeightNorm = Literal["joint", "paper"]
 DetectorPreset = Literal["r50-fpn", "slim"]
 Precision = Literal["off", "bf16"]
+KernelChoice = Literal["auto", "reference"]
 ViewKind = Literal["weak", "colour", "strong"]
 
 # In the paper's ablation order (Tables 5-6): tables list methods in this order.
@@ -168,6 +169,10 @@ class MethodConfig:
     burn_in_steps: int = 0
     ema_momentum: float = 0.999
     ema_ramp: bool = True
+    # Eq. 4-5's loss and Eq. 7-9's variance: "auto" runs the fused Triton kernels on CUDA
+    # tensors when triton imports and the plain-torch reference (kernels/) otherwise;
+    # "reference" always runs the reference (to compare, or to rule the kernels out).
+    kernels: KernelChoice = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -178,6 +183,8 @@ class MethodConfig:
             raise ValueError(
                 f"unknown method.variance_norm {self.variance_norm!r}; use 'paper' or 'original'"
             )
+        if self.kernels not in ("auto", "reference"):
+            raise ValueError(f"unknown method.kernels {self.kernels!r}; use 'auto' or 'reference'")
         _require_unit_interval(
             "method", self, ("candidate_thr", "cls_thr", "rpn_thr"),
             "it compares teacher scores, which are probabilities (the paper uses 0.9)",

@@ -215,3 +215,10 @@ def decode_class_boxes(
     """Boxes refined by the regression of each box's own class: ``refine`` of Eq. 7."""
     decoded = detector.roi_heads.box_coder.decode(deltas, [boxes])
     return decoded[torch.arange(len(labels), device=labels.device), labels]
+
+
+def class_deltas(deltas: Tensor, labels: Tensor) -> Tensor:
+    """Each box's ``(4,)`` regression of its own class, from the ROI head's ``(N, 4(K+1))``:
+    what ``decode_class_boxes`` decodes, picked before decoding instead of after."""
+    per_class = deltas.view(len(deltas), deltas.shape[1] // 4, 4)
+    return per_class[torch.arange(len(labels), device=labels.device), labels]

@@ -15,8 +15,8 @@ from torchvision.models.detection import FasterRCNN
 from softteacher.config import MethodConfig
 from softteacher.data.collate import UnlabeledBatch
 from softteacher.data.transforms import transfer_boxes
-from softteacher.kernels import box_jitter_variance, jitter_boxes
-from softteacher.model.detector import box_head_outputs, decode_class_boxes
+from softteacher.kernels import box_jitter_variance, jitter_boxes, use_triton
+from softteacher.model.detector import box_head_outputs, class_deltas, decode_class_boxes
 from softteacher.names import STEP_JITTER, STEP_TEACHER_SCORING
 
 MIN_PSEUDO_BOX_SIDE = 1.0
@@ -87,12 +87,15 @@ def teacher_view(teacher: FasterRCNN, weak: list[Tensor], cfg: MethodConfig) -> 
 def jitter_variances(teacher: FasterRCNN, view: TeacherView, cfg: MethodConfig) -> list[Tensor]:
     """Eq. 7-9: refine ``n_jitter`` jittered copies of every candidate with the teacher's ROI
     head (its own class's regression) and measure the spread of the refined boxes, clipped
-    to the weak view they were refined in, under ``cfg.variance_norm``."""
+    to the weak view they were refined in, under ``cfg.variance_norm``; by the fused kernel
+    when ``cfg.kernels`` and the device allow (``kernels.dispatch.use_triton``)."""
     jittered = [jitter_boxes(b, cfg.n_jitter, cfg.jitter_scale) for b in view.boxes]
     flat = [j.reshape(-1, 4) for j in jittered]
     _, deltas = box_head_outputs(teacher, view.features, flat, view.image_sizes)
     # one decode for every image's copies: jitter-major within an image, as ``flat`` is
     labels = torch.cat([lab.repeat(cfg.n_jitter) for lab in view.labels])
+    if use_triton(deltas, cfg.kernels):
+        return _fused_jitter_variances(teacher, view, jittered, class_deltas(deltas, labels), cfg)
     refined = decode_class_boxes(teacher, deltas, torch.cat(flat), labels)
     variances = []
     for boxes, image_refined, size in zip(
@@ -104,6 +107,37 @@ def jitter_variances(teacher: FasterRCNN, view: TeacherView, cfg: MethodConfig) 
         copies = image_refined.reshape(cfg.n_jitter, -1, 4)
         variances.append(box_jitter_variance(copies, boxes, size, norm=cfg.variance_norm))
     return variances
+
+
+def _fused_jitter_variances(
+    teacher: FasterRCNN,
+    view: TeacherView,
+    jittered: list[Tensor],
+    deltas: Tensor,
+    cfg: MethodConfig,
+) -> list[Tensor]:
+    """``jitter_variances`` by the fused kernel, one launch an image: decode (with the
+    teacher's box coder), clip, std and normalisation of each image's ``(n_jitter, N, 4)``
+    copies from their own class's ``deltas`` (all images', jitter-major within each)."""
+    # imported here: triton is optional, and only a CUDA run gets this far
+    from softteacher.kernels.triton_jitter_variance import fused_jitter_variance
+
+    coder = teacher.roi_heads.box_coder
+    per_image = deltas.split([copies.shape[0] * copies.shape[1] for copies in jittered])
+    return [
+        fused_jitter_variance(
+            image_deltas.view(copies.shape),
+            copies,
+            boxes,
+            size,
+            norm=cfg.variance_norm,
+            weights=coder.weights,
+            bbox_xform_clip=coder.bbox_xform_clip,
+        )
+        for boxes, copies, image_deltas, size in zip(
+            view.boxes, jittered, per_image, view.image_sizes, strict=True
+        )
+    ]
 
 
 def pseudo_targets(view: TeacherView, batch: UnlabeledBatch, cfg: MethodConfig) -> PseudoTargets:

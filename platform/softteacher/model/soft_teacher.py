@@ -18,7 +18,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_p
 from torchvision.ops import box_iou
 
 from softteacher.config import MethodConfig
-from softteacher.kernels import background_reliability, reliability_weighted_ce
+from softteacher.kernels import background_reliability, reliability_weighted_ce, use_triton
 from softteacher.model.detector import box_head_outputs
 from softteacher.model.pseudo_labels import PseudoTargets
 
@@ -92,9 +92,7 @@ class StudentLosses(nn.Module):
         logits, deltas = box_head_outputs(self.detector, features, boxes, images.image_sizes)
         labels_flat = torch.cat(labels)
         reliability = self.reliability(logits, boxes, pseudo, teacher_bg)
-        losses["unsup_cls"] = reliability_weighted_ce(
-            logits, labels_flat, reliability, self.cfg.soft_weight_norm
-        )
+        losses["unsup_cls"] = soft_weighted_ce(logits, labels_flat, reliability, self.cfg)
         if pseudo.reg is not pseudo.cls:
             boxes, _, labels, targets = heads.select_training_samples(proposals, pseudo.reg)
             logits, deltas = box_head_outputs(self.detector, features, boxes, images.image_sizes)
@@ -125,6 +123,19 @@ class StudentLosses(nn.Module):
         fg_iou = self.detector.roi_heads.proposal_matcher.high_threshold
         uncertain_iou = torch.cat([_max_iou(b, u) for b, u in zip(boxes, pseudo.cls_uncertain)])
         return torch.where(uncertain_iou >= fg_iou, torch.zeros_like(reliability), reliability)
+
+
+def soft_weighted_ce(
+    logits: Tensor, labels: Tensor, reliability: Tensor, cfg: MethodConfig
+) -> Tensor:
+    """Eq. 4-5 under ``cfg.soft_weight_norm``: by the fused kernel when ``cfg.kernels`` and the
+    device allow (``kernels.dispatch.use_triton``), else by the reference."""
+    if use_triton(logits, cfg.kernels):
+        # imported here: triton is optional, and only a CUDA run gets this far
+        from softteacher.kernels.triton_soft_weights import fused_reliability_weighted_ce
+
+        return fused_reliability_weighted_ce(logits, labels, reliability, cfg.soft_weight_norm)
+    return reliability_weighted_ce(logits, labels, reliability, cfg.soft_weight_norm)
 
 
 def rpn_ignoring_uncertain(
