@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         step.add_argument(
             "--amp", default="off", help="backbone precisions to compare, e.g. off,bf16"
         )
+        step.add_argument(
+            "--kernels",
+            default="auto",
+            help="method.kernels to compare: auto (the Triton kernels on CUDA), reference",
+        )
     sub.add_parser("stream", help=stream.__doc__).add_argument("--rows", type=int, default=320)
     sub.add_parser("platform", help=platform.__doc__).add_argument("--steps", type=int, default=60)
     curve_ = sub.add_parser("curve", help=curve.__doc__)
@@ -73,6 +78,7 @@ def _step_options(args: argparse.Namespace) -> StepOptions:
         "detectors": tuple(args.detectors.split(",")),
         "sizes": tuple(int(s) for s in args.sizes.split(",")),
         "amp": tuple(args.amp.split(",")),
+        "kernels": tuple(args.kernels.split(",")),
     }
     fields = (f.name for f in dataclasses.fields(StepOptions) if f.name not in lists)
     return StepOptions(**lists, **{name: getattr(args, name) for name in fields})

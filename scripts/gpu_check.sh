@@ -5,10 +5,9 @@
 #
 #   scripts/gpu_check.sh                    # PYTHON=... for another interpreter than .venv's
 #
-# experiments/benchmark.py takes no --set, so the step benchmark runs the config's default,
-# method.kernels=auto (the Triton kernels on CUDA); the reference's step time
-# (method.kernels=reference) is not measured here. Its tables go to RESULTS_DIR (a fresh
-# temporary folder unless given), not to experiments/results/.
+# The step benchmark times the Soft Teacher step with the Triton kernels (method.kernels=auto)
+# and with the plain-torch reference; its tables go to RESULTS_DIR (a fresh temporary folder
+# unless given), not to experiments/results/.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,6 +25,6 @@ print(f'torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_
 echo "== kernel tests (cpu: interpreted, cuda: compiled)"
 "$PYTHON" -m pytest -q tests/test_kernels_triton.py tests/test_kernels.py
 
-echo "== step benchmark, method.kernels=auto; tables under $RESULTS_DIR"
+echo "== step benchmark; tables under $RESULTS_DIR"
 "$PYTHON" experiments/benchmark.py --results-dir "$RESULTS_DIR" speed \
-    --detectors slim,r50-fpn --amp off,bf16
+    --detectors slim,r50-fpn --amp off,bf16 --kernels auto,reference

@@ -42,15 +42,25 @@ def fold_shards(fold: FoldData, data: Path) -> tuple[ShardSet, ShardSet]:
 
 
 def step_config(
-    detector: str, size: int, method: str, slim_preset: str, amp: str = "off"
+    detector: str,
+    size: int,
+    method: str,
+    slim_preset: str,
+    amp: str = "off",
+    kernels: str = "auto",
 ) -> ExperimentConfig:
     """A detector's preset at a fixed image size, past burn-in, at full unlabeled weight,
-    on the slim preset's synthetic set."""
+    on the slim preset's synthetic set, with ``method.kernels`` set to ``kernels``."""
     source = preset(R50_PRESET if detector == "r50-fpn" else slim_preset)
     cfg = dataclasses.replace(source, synthetic=preset(slim_preset).synthetic)
     return cfg.replace(
         detector={"amp": amp},
-        method={"method": method, "burn_in_steps": 0, "unsup_weight_ramp_steps": 0},
+        method={
+            "method": method,
+            "burn_in_steps": 0,
+            "unsup_weight_ramp_steps": 0,
+            "kernels": kernels,
+        },
         augment={"train_sizes": (size, size), "test_size": size, "max_size": 2 * size},
     )
 

@@ -22,13 +22,15 @@ METHODS = ("supervised", "soft_teacher_jitter")
 
 @dataclass(frozen=True, kw_only=True)
 class StepOptions:
-    """What the step benchmarks measure. ``speed`` times every detector x size x amp;
-    ``profile`` takes the first of each."""
+    """What the step benchmarks measure. ``speed`` times every detector x size x amp x
+    kernels (the supervised step uses no kernel: timed once); ``profile`` takes the first of
+    each."""
 
     data_dir: Path  # synthetic sets, shards, the kept teacher
     detectors: tuple[str, ...]  # slim and/or r50-fpn
     sizes: tuple[int, ...]  # image short sides
     amp: tuple[str, ...]  # backbone precisions, e.g. off, bf16
+    kernels: tuple[str, ...]  # method.kernels: auto (Triton on CUDA), reference
     steps: int  # timed steps a repeat
     repeats: int
     warmup: int  # untimed steps first
@@ -56,6 +58,7 @@ def speed(options: StepOptions) -> BenchTable:
         "detector",
         "short side",
         "amp",
+        "kernels",
         "method",
         "images/step",
         "images/s (median)",
@@ -66,8 +69,11 @@ def speed(options: StepOptions) -> BenchTable:
     ]
     rows, records = [], []
     for detector in options.detectors:
-        for size, amp, method in itertools.product(options.sizes, options.amp, METHODS):
-            cfg = step_config(detector, size, method, options.preset, amp)
+        grid = itertools.product(options.sizes, options.amp, options.kernels, METHODS)
+        for size, amp, kernels, method in grid:
+            if method == "supervised" and kernels != options.kernels[0]:
+                continue
+            cfg = step_config(detector, size, method, options.preset, amp, kernels)
             prepared = PreparedSteps(cfg, init, options.data_dir)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
@@ -86,6 +92,7 @@ def speed(options: StepOptions) -> BenchTable:
                 "detector": detector,
                 "size": size,
                 "amp": amp,
+                "kernels": kernels,
                 "method": method,
                 "images_per_step": prepared.images,
                 "images_per_s": statistics.median(speeds),
@@ -102,6 +109,7 @@ def speed(options: StepOptions) -> BenchTable:
                     detector,
                     str(size),
                     amp,
+                    kernels,
                     method,
                     str(prepared.images),
                     f"{record['images_per_s']:.2f}",
@@ -119,7 +127,12 @@ def profile(options: StepOptions) -> BenchTable:
     """One Soft Teacher step's parts and their shares; the operators that dominate."""
     init = _teacher(options)
     cfg = step_config(
-        options.detectors[0], options.sizes[0], METHODS[1], options.preset, options.amp[0]
+        options.detectors[0],
+        options.sizes[0],
+        METHODS[1],
+        options.preset,
+        options.amp[0],
+        options.kernels[0],
     )
     prepared = PreparedSteps(cfg, init, options.data_dir)
     for _ in range(options.warmup):
