@@ -130,3 +130,24 @@ def test_the_eta_ignores_trials_that_did_not_train_to_their_end(monkeypatch) -> 
     fake.now = 105.0
     clock.ended("b", specs[1].name)
     assert clock.eta_s() == 0.0
+
+
+def test_the_sweep_line_says_where_each_running_trial_is(capsys) -> None:
+    printer = TrialEventPrinter(total=3)
+    specs = [TrialSpec(10.0, f, "supervised", 0.7, 0.02) for f in (1, 2, 3)]
+    printer.plan({s.name: s.title for s in specs}, {s.name: s.kind for s in specs})
+    trials = [
+        SimpleNamespace(trial_id=f"t{i}", config={"job": s.name}, last_result={"final": 1.0})
+        for i, s in enumerate(specs)
+    ]
+    for trial in trials:
+        printer.on_trial_start(0, [], trial)
+    printer.on_trial_result(0, [], trials[1], {"step": 450, "loss/total": 0.4})
+    printer.on_trial_result(0, [], trials[2], {"step": 500, "eval_step": 500, "teacher/AP": 11.2})
+    printer.on_trial_complete(0, [], trials[0])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("[sweep] 1/3 trials ended")
+    assert line.endswith(
+        "; running: 10% fold 2 supervised cls_thr 0.7 reg_thr 0.02 at step 450; "
+        "10% fold 3 supervised cls_thr 0.7 reg_thr 0.02 at step 500, teacher mAP 11.20"
+    )

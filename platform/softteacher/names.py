@@ -21,6 +21,7 @@ LOSS_TOTAL = "loss/total"
 # Steps skipped so far because their loss or gradient was NaN or infinite.
 NONFINITE_STEPS = "nonfinite_steps"
 IMAGES_PER_S = "images_per_s"
+STEP = "step"  # the training step a report is of (every report a worker sends has it)
 EVAL_STEP = "eval_step"
 # Steps a trial has trained up to its latest evaluation (from its branch point when it
 # branched): the clock an early-stopping scheduler compares trials on.

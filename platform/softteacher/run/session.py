@@ -25,6 +25,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from softteacher.names import STEP
 from softteacher.train.checkpoint import (
     BRANCH_POINT_DIR,
     CheckpointError,
@@ -106,7 +107,7 @@ class InProcessSession:
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         if checkpoint_dir is not None:
-            self._persist(checkpoint_dir, int(metrics["step"]))
+            self._persist(checkpoint_dir, int(metrics[STEP]))
         self.last_metrics = dict(metrics)
         for callback in self._callbacks:  # as Ray Train's controller calls them
             callback.after_report(None, [dict(metrics)], None)

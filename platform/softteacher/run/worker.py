@@ -23,7 +23,7 @@ from softteacher.data.steps import StepBatches, start_positions
 from softteacher.eval.models import RunEvaluation, evaluate_run
 from softteacher.eval.overlays import overlay_artifacts
 from softteacher.files import DiskFullError, disk_full_named
-from softteacher.names import LOSS_TOTAL, TEACHER_AP
+from softteacher.names import LOSS_TOTAL, STEP, TEACHER_AP
 from softteacher.run.session import RayTrainSession, RunSession, node_id
 from softteacher.run.spec import RunSpec
 from softteacher.track.mlflow_runs import (
@@ -135,7 +135,7 @@ def _train(spec: RunSpec, session: RunSession) -> None:
         if "images_per_s" in metrics:
             latest_speed["images_per_s"] = metrics["images_per_s"]
         # Every worker reports at the same steps: a report is a barrier in Ray Train.
-        session.report({"step": step, **latest_speed, **metrics, **latest_eval})
+        session.report({STEP: step, **latest_speed, **metrics, **latest_eval})
 
     def evaluate(trainer: SoftTeacherTrainer) -> Metrics:
         if val is None:
@@ -149,7 +149,7 @@ def _train(spec: RunSpec, session: RunSession) -> None:
 
     def save(trainer: SoftTeacherTrainer, metrics: Metrics) -> None:
         step = trainer.step_count
-        report = {"step": step, **latest_speed, **latest_eval, "checkpoint_step": step}
+        report = {STEP: step, **latest_speed, **latest_eval, "checkpoint_step": step}
         if not is_rank_zero:
             session.report(report)
             return

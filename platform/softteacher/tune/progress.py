@@ -7,6 +7,7 @@ import statistics
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from ray.tune import Callback
@@ -15,6 +16,7 @@ from softteacher.names import (
     ALREADY_FINISHED,
     EVAL_STEP,
     IMAGES_PER_S,
+    STEP,
     STUDENT_AP,
     TEACHER_AP,
     TRAINED_STEPS,
@@ -98,6 +100,7 @@ class TrialEventPrinter(Callback):
         self.clock = SweepClock()
         self._ended = 0
         self._last_eval_step: dict[str, int] = {}  # trial id -> step of its last evaluation
+        self._running: dict[str, _Running] = {}  # trial id -> where it is, for the [sweep] line
 
     def plan(self, titles: Mapping[str, str], kinds: Mapping[str, str]) -> None:
         """The jobs of a Tune experiment: name -> terminal title, and name -> kind."""
@@ -106,9 +109,14 @@ class TrialEventPrinter(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.clock.started(trial.trial_id, trial.config.get("job"))
+        self._running[trial.trial_id] = _Running(self.name(trial))
         print(f"[start] {self.name(trial)}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        running = self._running.get(trial.trial_id)
+        if running is not None and STEP in result:
+            running.step = int(result[STEP])
+            running.teacher_ap = result.get(TEACHER_AP, running.teacher_ap)
         step = int(result.get(EVAL_STEP, -1))
         if step < 0 or self._last_eval_step.get(trial.trial_id) == step:
             return
@@ -158,6 +166,7 @@ class TrialEventPrinter(Callback):
         return self.titles.get(trial.config.get("job"), trial.trial_id)
 
     def _progress(self, trial, *, timed: bool) -> None:
+        self._running.pop(trial.trial_id, None)
         self._ended += 1
         self.clock.ended(trial.trial_id, trial.config.get("job"), timed=timed)
         elapsed = time.monotonic() - self.clock.began
@@ -170,9 +179,30 @@ class TrialEventPrinter(Callback):
             left = f", ETA {eta / 60:.1f} min"
         print(
             f"[sweep] {self._ended}/{self._total} trials ended, {elapsed / 60:.1f} min "
-            f"elapsed{left}",
+            f"elapsed{left}{_running_line(list(self._running.values()))}",
             flush=True,
         )
+
+
+@dataclass
+class _Running:
+    """A running trial as the [sweep] line shows it: its latest step and teacher mAP."""
+
+    title: str
+    step: int | None = None
+    teacher_ap: float | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.title} at step {self.step}" if self.step is not None else self.title
+        return where if self.teacher_ap is None else f"{where}, teacher mAP {self.teacher_ap:.2f}"
+
+
+def _running_line(running: list[_Running], shown: int = 4) -> str:
+    """``; running: A at step 450; B at step 100, teacher mAP 11.20`` (the first ``shown``)."""
+    if not running:
+        return ""
+    more = f"; and {len(running) - shown} more" if len(running) > shown else ""
+    return "; running: " + "; ".join(str(r) for r in running[:shown]) + more
 
 
 def _error_line(trial) -> str:
