@@ -142,12 +142,11 @@ def test_the_sweep_line_says_where_each_running_trial_is(capsys) -> None:
     ]
     for trial in trials:
         printer.on_trial_start(0, [], trial)
-    printer.on_trial_result(0, [], trials[1], {"step": 450, "loss/total": 0.4})
     printer.on_trial_result(0, [], trials[2], {"step": 500, "eval_step": 500, "teacher/AP": 11.2})
     printer.on_trial_complete(0, [], trials[0])
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("[sweep] 1/3 trials ended")
     assert line.endswith(
-        "; running: 10% fold 2 supervised cls_thr 0.7 reg_thr 0.02 at step 450; "
-        "10% fold 3 supervised cls_thr 0.7 reg_thr 0.02 at step 500, teacher mAP 11.20"
+        "; running: 10% fold 2 supervised cls_thr 0.7 reg_thr 0.02; "
+        "10% fold 3 supervised cls_thr 0.7 reg_thr 0.02 (step 500: teacher mAP 11.20)"
     )

@@ -16,7 +16,6 @@ from softteacher.names import (
     ALREADY_FINISHED,
     EVAL_STEP,
     IMAGES_PER_S,
-    STEP,
     STUDENT_AP,
     TEACHER_AP,
     TRAINED_STEPS,
@@ -113,15 +112,13 @@ class TrialEventPrinter(Callback):
         print(f"[start] {self.name(trial)}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        running = self._running.get(trial.trial_id)
-        if running is not None and STEP in result:
-            running.step = int(result[STEP])
-            running.teacher_ap = result.get(TEACHER_AP, running.teacher_ap)
         step = int(result.get(EVAL_STEP, -1))
         if step < 0 or self._last_eval_step.get(trial.trial_id) == step:
             return
         self._last_eval_step[trial.trial_id] = step
         teacher = result.get(TEACHER_AP, float("nan"))
+        if trial.trial_id in self._running:
+            self._running[trial.trial_id].evaluated = (step, teacher)
         student = result.get(STUDENT_AP, float("nan"))
         speed = result.get(IMAGES_PER_S, float("nan"))
         print(
@@ -186,19 +183,21 @@ class TrialEventPrinter(Callback):
 
 @dataclass
 class _Running:
-    """A running trial as the [sweep] line shows it: its latest step and teacher mAP."""
+    """A running trial as the [sweep] line shows it: with its latest evaluation, if any
+    (Tune hears of a trial's evaluations, not of its other steps)."""
 
     title: str
-    step: int | None = None
-    teacher_ap: float | None = None
+    evaluated: tuple[int, float] | None = None  # step, teacher mAP
 
     def __str__(self) -> str:
-        where = f"{self.title} at step {self.step}" if self.step is not None else self.title
-        return where if self.teacher_ap is None else f"{where}, teacher mAP {self.teacher_ap:.2f}"
+        if self.evaluated is None:
+            return self.title
+        step, teacher_ap = self.evaluated
+        return f"{self.title} (step {step}: teacher mAP {teacher_ap:.2f})"
 
 
 def _running_line(running: list[_Running], shown: int = 4) -> str:
-    """``; running: A at step 450; B at step 100, teacher mAP 11.20`` (the first ``shown``)."""
+    """``; running: A; B (step 500: teacher mAP 11.20)`` (the first ``shown`` of them)."""
     if not running:
         return ""
     more = f"; and {len(running) - shown} more" if len(running) > shown else ""
