@@ -42,10 +42,32 @@ def test_ray_rows_are_the_in_process_rows_for_any_number_of_actors(
     n = 2 * shards.num_rows + 5
     local = LocalRowStream(shards, plan, cfg).take(n)
     stream = RayRowStream(
-        shards, plan, cfg, stop=n, concurrency=actors, window_rows=64, segment_rows=3
+        shards,
+        plan,
+        cfg,
+        stop=n,
+        concurrency=actors,
+        window_rows=64,
+        segment_rows=3,
+        head_rows=0,  # every row from the actors
     )
     got = [stream.take(k) for k in (1, 7, 4, n - 12)]
     assert stream.position == n
+    assert pa.concat_tables(got).equals(local)
+
+
+def test_the_head_made_in_process_joins_the_actors_rows_seamlessly(ray_cluster, smoke_fold):
+    """The first rows come from this process while the actors start, the rest from the
+    actors, from a resumed position, with a head that ends mid-segment: the same rows."""
+    shards = smoke_fold.unlabeled
+    plan = _plan(shards, "unlabeled")
+    start, n = 5, shards.num_rows + 9
+    local = LocalRowStream(shards, plan, AUGMENT, start=start).take(n)
+    stream = RayRowStream(
+        shards, plan, AUGMENT, start=start, stop=start + n, segment_rows=3, head_rows=7
+    )
+    got = [stream.take(k) for k in (2, 6, n - 8)]
+    assert stream.position == start + n
     assert pa.concat_tables(got).equals(local)
 
 
@@ -60,7 +82,14 @@ def test_a_data_actor_killed_mid_stream_is_replaced_and_the_rows_stay_the_same(
     n = 10 * shards.num_rows  # seconds of work: the actor is still busy when it is killed
     local = LocalRowStream(shards, plan, AUGMENT).take(n)
     stream = RayRowStream(
-        shards, plan, AUGMENT, stop=n, concurrency=(1, 1), window_rows=n, segment_rows=3
+        shards,
+        plan,
+        AUGMENT,
+        stop=n,
+        concurrency=(1, 1),
+        window_rows=n,
+        segment_rows=3,
+        head_rows=0,
     )
     first = stream.take(7)
     (actor,) = _data_actors()
@@ -89,7 +118,7 @@ def test_a_stream_started_at_a_position_continues_the_same_rows(ray_cluster, smo
     plan = _plan(shards, "labeled")
     whole = LocalRowStream(shards, plan, cfg).take(3 * shards.num_rows)
     start = shards.num_rows + 2  # mid-epoch
-    resumed = RayRowStream(shards, plan, cfg, start=start, stop=3 * shards.num_rows)
+    resumed = RayRowStream(shards, plan, cfg, start=start, stop=3 * shards.num_rows, head_rows=0)
     assert resumed.take(6).equals(whole.slice(start, 6))
 
 
@@ -116,9 +145,12 @@ def test_an_undecodable_image_surfaces_with_its_file_name(ray_cluster, smoke_fol
     column = table.schema.get_field_index("image")
     damaged = table.set_column(column, "image", pa.array(images, pa.binary()))
     pq.write_table(damaged, broken.files[0])
-    stream = RayRowStream(broken, _plan(broken, "labeled"), AUGMENT, stop=8)
-    with pytest.raises(Exception, match=f"cannot decode image {victim}"):
-        stream.take(8)
+    for head_rows in (0, 8):  # made by an actor, made in process
+        stream = RayRowStream(
+            broken, _plan(broken, "labeled"), AUGMENT, stop=8, head_rows=head_rows
+        )
+        with pytest.raises(Exception, match=f"cannot decode image {victim}"):
+            stream.take(8)
 
 
 def test_each_of_two_workers_gets_exactly_1_labeled_and_4_unlabeled_a_step(
