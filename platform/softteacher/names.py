@@ -21,6 +21,10 @@ LOSS_TOTAL = "loss/total"
 # Steps skipped so far because their loss or gradient was NaN or infinite.
 NONFINITE_STEPS = "nonfinite_steps"
 IMAGES_PER_S = "images_per_s"
+# Where a run's time goes besides its steps: a step's seconds taking its images (mean over
+# a logging window) and an evaluation's seconds (both models on val, pseudo-box quality).
+DATA_SECONDS = "data_s"
+EVAL_SECONDS = "eval_s"
 STEP = "step"  # the training step a report is of (every report a worker sends has it)
 EVAL_STEP = "eval_step"
 # Steps a trial has trained up to its latest evaluation (from its branch point when it

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from softteacher.data.collate import DetectionBatch, UnlabeledBatch
+from softteacher.names import DATA_SECONDS, EVAL_SECONDS, IMAGES_PER_S
 from softteacher.train.trainer import SoftTeacherTrainer
 
 Metrics = dict[str, float]
@@ -39,6 +40,9 @@ def fit(trainer: SoftTeacherTrainer, source: StepSource, hooks: LoopHooks) -> Me
 
     Logged figures are means over the last ``log_every`` steps, with images/s over that
     window: data waiting included (the user pays for it), evaluation and checkpoints not.
+    Where the time goes is logged too: ``data_s``, a step's seconds taking and collating
+    its images (a run's first window holds the streams' start), and ``eval_s``, each
+    evaluation's seconds.
     """
     cfg = trainer.cfg.train
     window: defaultdict[str, list[float]] = defaultdict(list)
@@ -46,8 +50,10 @@ def fit(trainer: SoftTeacherTrainer, source: StepSource, hooks: LoopHooks) -> Me
     evaluation: Metrics = {}
     while trainer.step_count < cfg.max_steps:
         n_labeled, n_unlabeled = trainer.cfg.step_batch_sizes(trainer.step_count)
+        asked = time.perf_counter()
         labeled = source.labeled(n_labeled)
         unlabeled = source.unlabeled(n_unlabeled) if n_unlabeled else None
+        window[DATA_SECONDS].append(time.perf_counter() - asked)
         for key, value in trainer.step(labeled, unlabeled).items():
             window[key].append(value)
         window_images += len(labeled.images) + (len(unlabeled.weak) if unlabeled else 0)
@@ -56,14 +62,14 @@ def fit(trainer: SoftTeacherTrainer, source: StepSource, hooks: LoopHooks) -> Me
         if step % cfg.log_every == 0 or last:
             elapsed = time.perf_counter() - window_start
             summary = {key: sum(values) / len(values) for key, values in window.items()}
-            summary["images_per_s"] = window_images / max(elapsed, 1e-9)
+            summary[IMAGES_PER_S] = window_images / max(elapsed, 1e-9)
             hooks.log(step, summary)
             window.clear()
             window_start, window_images = time.perf_counter(), 0
         paused = time.perf_counter()
         if step % cfg.eval_every == 0 or last:
             evaluation = hooks.evaluate(trainer)
-            hooks.log(step, evaluation)
+            hooks.log(step, evaluation | {EVAL_SECONDS: time.perf_counter() - paused})
         # the end of burn-in too: the branch point of semi-supervised runs (train.branch_from)
         if step % cfg.ckpt_every == 0 or last or step == trainer.cfg.method.burn_in_steps:
             hooks.checkpoint(trainer, evaluation)

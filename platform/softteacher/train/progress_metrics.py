@@ -8,6 +8,8 @@ from ray.util.metrics import Gauge
 _GAUGES = {
     "step": "training step of the run",
     "images_per_s": "images a second over the last logging window",
+    "data_s": "seconds a step waited for its images, over the last logging window",
+    "eval_s": "seconds the latest evaluation took",
     "teacher/AP": "teacher COCO mAP at the latest evaluation",
     "student/AP": "student COCO mAP at the latest evaluation",
     "pseudo/cls_per_image": "classification pseudo boxes an unlabeled image",
