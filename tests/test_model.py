@@ -555,3 +555,34 @@ def test_a_step_is_a_function_of_the_seed_and_the_step():
 
     assert losses(0) == losses(0)
     assert losses(1) != losses(0)
+
+
+def test_a_teacher_that_is_the_student_is_evaluated_once_for_both(monkeypatch, smoke_fold):
+    """During burn-in the teacher copies the student (EMA momentum 0): one evaluation gives
+    both models' metrics. After it the EMA teacher differs and each model is evaluated."""
+    from softteacher.data.coco import load_coco
+    from softteacher.eval import models
+
+    cfg = _smoke(burn_in_steps=1, ema_momentum=0.9, ema_ramp=False).replace(
+        train={"max_val_images": 2}
+    )
+    val = load_coco(smoke_fold.fold.val_ann, smoke_fold.fold.val_images)
+    evaluated: list[torch.nn.Module] = []
+    real_evaluate = models.evaluate
+
+    def counting(model, *args, **kwargs):
+        evaluated.append(model)
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(models, "evaluate", counting)
+    trainer = SoftTeacherTrainer(cfg, torch.device("cpu"))
+    trainer.step(_labeled(0.5, n=cfg.train.supervised_images), None)  # burn-in: a copy
+    during = models.evaluate_run(trainer, val, None, cfg).metrics
+    assert evaluated == [trainer.teacher]
+    assert {
+        k.removeprefix("teacher/"): v for k, v in during.items() if k.startswith("teacher/")
+    } == {k.removeprefix("student/"): v for k, v in during.items() if k.startswith("student/")}
+    trainer.step(_labeled(0.5), _unlabeled(0.2, 0.8))  # after burn-in: the EMA moves apart
+    assert not models.same_weights(trainer.teacher, trainer.student)
+    models.evaluate_run(trainer, val, None, cfg)
+    assert evaluated[1:] == [trainer.teacher, trainer.student]
