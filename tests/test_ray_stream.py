@@ -56,9 +56,21 @@ def test_ray_rows_are_the_in_process_rows_for_any_number_of_actors(
     assert pa.concat_tables(got).equals(local)
 
 
-def test_the_head_made_in_process_joins_the_actors_rows_seamlessly(ray_cluster, smoke_fold):
+def test_the_head_made_in_process_joins_the_actors_rows_seamlessly(
+    ray_cluster, smoke_fold, monkeypatch
+):
     """The first rows come from this process while the actors start, the rest from the
     actors, from a resumed position, with a head that ends mid-segment: the same rows."""
+    from softteacher.data import ray_stream
+
+    made_here: list[tuple[int, int]] = []
+
+    class RecordedRows(ray_stream.AugmentedRows):  # the actors' processes keep the real one
+        def rows(self, start: int, stop: int) -> pa.Table:
+            made_here.append((start, stop))
+            return super().rows(start, stop)
+
+    monkeypatch.setattr(ray_stream, "AugmentedRows", RecordedRows)
     shards = smoke_fold.unlabeled
     plan = _plan(shards, "unlabeled")
     start, n = 5, shards.num_rows + 9
@@ -69,6 +81,13 @@ def test_the_head_made_in_process_joins_the_actors_rows_seamlessly(ray_cluster, 
     got = [stream.take(k) for k in (2, 6, n - 8)]
     assert stream.position == start + n
     assert pa.concat_tables(got).equals(local)
+    assert made_here == [(5, 8), (8, 11), (11, 12)]
+
+
+def test_a_negative_head_is_refused(smoke_fold):
+    shards = smoke_fold.labeled
+    with pytest.raises(ValueError, match="head_rows must be 0 or more"):
+        RayRowStream(shards, _plan(shards, "labeled"), AUGMENT, stop=4, head_rows=-1)
 
 
 def test_a_data_actor_killed_mid_stream_is_replaced_and_the_rows_stay_the_same(

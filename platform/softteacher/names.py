@@ -21,8 +21,9 @@ LOSS_TOTAL = "loss/total"
 # Steps skipped so far because their loss or gradient was NaN or infinite.
 NONFINITE_STEPS = "nonfinite_steps"
 IMAGES_PER_S = "images_per_s"
-# Where a run's time goes besides its steps: a step's seconds taking its images (mean over
-# a logging window) and an evaluation's seconds (both models on val, pseudo-box quality).
+# Where a run's time goes besides its steps: a step's seconds taking and collating its
+# images (mean over a logging window) and an evaluation's seconds (both models on val,
+# pseudo-box quality; at a run's last step also the final artifacts it logs).
 DATA_SECONDS = "data_s"
 EVAL_SECONDS = "eval_s"
 STEP = "step"  # the training step a report is of (every report a worker sends has it)

@@ -55,11 +55,15 @@ class AugmentActor:
 
     def __call__(self, ranges: pa.Table) -> pa.Table:
         starts, stops = ranges.column("start").to_pylist(), ranges.column("stop").to_pylist()
-        return pa.concat_tables([self._rows.rows(a, b) for a, b in zip(starts, stops, strict=True)])
+        return pa.concat_tables(
+            [self._rows.rows(a, b) for a, b in zip(starts, stops, strict=True)]
+        )
 
 
 class RayRowStream:
-    """A ``RowStream`` whose rows Ray Data actors make: positions ``[start, stop)``.
+    """A ``RowStream`` of positions ``[start, stop)`` that Ray Data actors make, all but its
+    first ``head_rows``, which this process makes while the actors start (0: every row from
+    the actors, as benchmarks and tests of the actors want).
 
     ``stop`` bounds the work (the rows the run still needs), so no actor augments rows that
     nobody will take. A background thread starts the stream at construction and keeps
@@ -84,6 +88,8 @@ class RayRowStream:
         low, high = concurrency
         if not 1 <= low <= high:
             raise ValueError(f"concurrency must be (min, max), 1 <= min <= max; got {concurrency}")
+        if head_rows < 0:
+            raise ValueError(f"head_rows must be 0 or more; got {head_rows}")
         self.position = start
         self._stop = stop
         self._args = (shards, plan, cfg)
@@ -91,24 +97,19 @@ class RayRowStream:
         self._num_cpus = num_cpus
         self._window = window_rows
         self._segment = segment_rows
-        self._head = head_rows
         self._pending: pa.Table | None = None
-        self._ready: queue.Queue = queue.Queue(maxsize=PREFETCH_BLOCKS)
-        threading.Thread(target=self._prefetch, args=(start,), daemon=True).start()
+        self._blocks = _prefetched(self._all_blocks(start, min(start + head_rows, stop)))
 
     def take(self, n: int) -> pa.Table:
         parts, have = [], 0
         while have < n:
             if self._pending is None:
-                block = self._ready.get()
-                if isinstance(block, BaseException):
-                    raise block
-                if block is _END:
+                self._pending = next(self._blocks, None)
+                if self._pending is None:
                     raise RuntimeError(
                         f"the {self._args[1].stream} stream ended at row {self.position + have}"
                         f" (stop={self._stop}): the run asked for more rows than it planned"
                     )
-                self._pending = block
             part = self._pending.slice(0, n - have)
             rest = self._pending.num_rows - part.num_rows
             self._pending = self._pending.slice(part.num_rows) if rest else None
@@ -117,25 +118,15 @@ class RayRowStream:
         self.position += n
         return pa.concat_tables(parts)
 
-    def _prefetch(self, start: int) -> None:
-        try:
-            head_stop = min(start + self._head, self._stop)
-            remote = _started(self._windows(head_stop))  # the actors start meanwhile
-            for block in self._head_blocks(start, head_stop):
-                self._ready.put(block)
-            for block in remote:
-                self._ready.put(block)
-            self._ready.put(_END)
-        except BaseException as error:  # handed to the trainer's thread by take()
-            self._ready.put(error)
-
-    def _head_blocks(self, start: int, stop: int) -> Iterator[pa.Table]:
-        """Positions ``[start, stop)`` made in this process, a segment at a time."""
-        if start >= stop:
-            return
-        rows = AugmentedRows(*self._args)
-        for segment_start in range(start, stop, self._segment):
-            yield rows.rows(segment_start, min(segment_start + self._segment, stop))
+    def _all_blocks(self, start: int, head_stop: int) -> Iterator[pa.Table]:
+        """The head's blocks, made here, then the actors', whose first execution starts
+        before the head's first row is made."""
+        from_actors = _prefetched(self._windows(head_stop))
+        if start < head_stop:
+            rows = AugmentedRows(*self._args)
+            for segment_start in range(start, head_stop, self._segment):
+                yield rows.rows(segment_start, min(segment_start + self._segment, head_stop))
+        yield from from_actors
 
     def _windows(self, start: int) -> Iterator[pa.Table]:
         for window_start in range(start, self._stop, self._window):
@@ -162,17 +153,17 @@ class RayRowStream:
         )
 
 
-def _started(blocks: Iterator[pa.Table]) -> Iterator[pa.Table]:
-    """``blocks``, iterated from now on in a thread of its own (``PREFETCH_BLOCKS`` ahead);
-    an error in it is raised where the blocks are taken."""
+def _prefetched(blocks: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """``blocks`` iterated from now on by a thread of its own, ``PREFETCH_BLOCKS`` ahead of
+    the taker; an error there is raised where the blocks are taken."""
     ready: queue.Queue = queue.Queue(maxsize=PREFETCH_BLOCKS)
 
-    def relay() -> None:
+    def produce() -> None:
         try:
             for block in blocks:
                 ready.put(block)
             ready.put(_END)
-        except BaseException as error:
+        except BaseException as error:  # handed to the taker's thread
             ready.put(error)
 
     def taken() -> Iterator[pa.Table]:
@@ -181,5 +172,5 @@ def _started(blocks: Iterator[pa.Table]) -> Iterator[pa.Table]:
                 raise block
             yield block
 
-    threading.Thread(target=relay, daemon=True).start()
+    threading.Thread(target=produce, daemon=True).start()
     return taken()

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from softteacher.config import ExperimentConfig
 from softteacher.data.coco import CocoDataset
 from softteacher.eval.coco_eval import evaluate
 from softteacher.eval.pseudo_quality import measure_pseudo_labels
+from softteacher.model.ema import same_weights
 from softteacher.train.trainer import SoftTeacherTrainer
 
 
@@ -52,16 +51,3 @@ def evaluate_run(
         )
         metrics.update(quality)
     return RunEvaluation(metrics, samples)
-
-
-@torch.no_grad()
-def same_weights(teacher: torch.nn.Module, student: torch.nn.Module) -> bool:
-    """Whether every parameter and buffer of the two models is equal (the teacher follows
-    the student exactly while the EMA momentum is 0); a DDP-wrapped student compares as its
-    module."""
-    pairs = zip(
-        [*teacher.parameters(), *teacher.buffers()],
-        [*student.parameters(), *student.buffers()],
-        strict=True,
-    )
-    return all(torch.equal(t, s) for t, s in pairs)

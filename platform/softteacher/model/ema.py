@@ -43,3 +43,15 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         t_param.mul_(momentum).add_(s_param.detach(), alpha=1.0 - momentum)
     for t_buf, s_buf in zip(teacher.buffers(), student.buffers(), strict=True):
         t_buf.copy_(s_buf)
+
+
+def same_weights(teacher: nn.Module, student: nn.Module) -> bool:
+    """Whether the teacher is the student weight for weight (every parameter and buffer on
+    the same device, of the same dtype and equal): what ``ema_update`` makes of it while the
+    momentum is 0, during burn-in and throughout E2E."""
+    mine = [*teacher.parameters(), *teacher.buffers()]
+    theirs = [*student.parameters(), *student.buffers()]
+    return len(mine) == len(theirs) and all(
+        t.device == s.device and t.dtype == s.dtype and torch.equal(t, s)
+        for t, s in zip(mine, theirs, strict=True)
+    )

@@ -17,13 +17,13 @@ import torch
 
 from softteacher.config import ExperimentConfig
 from softteacher.data.coco import CocoDataset, load_coco
-from softteacher.data.ray_stream import RayRowStream
+from softteacher.data.ray_stream import HEAD_ROWS, RayRowStream
 from softteacher.data.rows import StreamPlan
 from softteacher.data.steps import StepBatches, start_positions
 from softteacher.eval.models import RunEvaluation, evaluate_run
 from softteacher.eval.overlays import overlay_artifacts
 from softteacher.files import DiskFullError, disk_full_named
-from softteacher.names import LOSS_TOTAL, STEP, TEACHER_AP
+from softteacher.names import IMAGES_PER_S, LOSS_TOTAL, STEP, TEACHER_AP
 from softteacher.run.session import RayTrainSession, RunSession, node_id
 from softteacher.run.spec import RunSpec
 from softteacher.track.mlflow_runs import (
@@ -132,8 +132,8 @@ def _train(spec: RunSpec, session: RunSession) -> None:
             log_metrics(tracked, metrics, step)
         if gauges is not None:
             gauges.update(step, metrics)
-        if "images_per_s" in metrics:
-            latest_speed["images_per_s"] = metrics["images_per_s"]
+        if IMAGES_PER_S in metrics:
+            latest_speed[IMAGES_PER_S] = metrics[IMAGES_PER_S]
         # Every worker reports at the same steps: a report is a barrier in Ray Train.
         session.report({STEP: step, **latest_speed, **metrics, **latest_eval})
 
@@ -184,16 +184,26 @@ def ray_step_batches(
     device: torch.device | str,
 ) -> StepBatches:
     """This worker's streams from ``position`` (a checkpoint's data position), bounded by
-    the rows the steps from ``step`` to the end take."""
+    the rows the steps from ``step`` to the end take. A stream that the first step does not
+    read (the unlabeled one during burn-in) gets no in-process head: its actors are warm
+    long before its first row is taken."""
     cfg = spec.config
     starts = start_positions(position)
     needed = dict(zip(("labeled", "unlabeled"), cfg.rows_needed(step), strict=True))
+    read_now = dict(zip(("labeled", "unlabeled"), cfg.step_batch_sizes(step), strict=True))
 
     def stream(kind: str) -> RayRowStream:
         shards = spec.labeled if kind == "labeled" else spec.unlabeled
         plan = StreamPlan(kind, shards.num_rows, cfg.train.seed, rank, world_size)
         start = starts[kind]
-        return RayRowStream(shards, plan, cfg.augment, start=start, stop=start + needed[kind])
+        return RayRowStream(
+            shards,
+            plan,
+            cfg.augment,
+            start=start,
+            stop=start + needed[kind],
+            head_rows=HEAD_ROWS if read_now[kind] else 0,
+        )
 
     uses_unlabeled = spec.unlabeled is not None and needed["unlabeled"] > 0
     return StepBatches(stream("labeled"), stream("unlabeled") if uses_unlabeled else None, device)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from ray.util.metrics import Gauge
 
+from softteacher.names import DATA_SECONDS, EVAL_SECONDS, IMAGES_PER_S
+
 _GAUGES = {
     "step": "training step of the run",
-    "images_per_s": "images a second over the last logging window",
-    "data_s": "seconds a step waited for its images, over the last logging window",
-    "eval_s": "seconds the latest evaluation took",
+    IMAGES_PER_S: "images a second over the last logging window",
+    DATA_SECONDS: "seconds a step spent taking its images, over the last logging window",
+    EVAL_SECONDS: "seconds the latest evaluation took",
     "teacher/AP": "teacher COCO mAP at the latest evaluation",
     "student/AP": "student COCO mAP at the latest evaluation",
     "pseudo/cls_per_image": "classification pseudo boxes an unlabeled image",
