@@ -180,7 +180,10 @@ def test_each_of_two_workers_gets_exactly_1_labeled_and_4_unlabeled_a_step(
     test_ray_train)."""
     from softteacher.run.spec import RunSpec
 
-    cfg = preset("smoke").replace(method={"burn_in_steps": 0}, train={"max_steps": 7})
+    # every row from the Data actors: the smoke run's rows all fit the in-process head
+    cfg = preset("smoke").replace(
+        method={"burn_in_steps": 0}, train={"max_steps": 7, "stream_head_rows": 0}
+    )
     spec = RunSpec(
         cfg, smoke_fold.fold, smoke_fold.labeled, smoke_fold.unlabeled, "x", str(tmp_path)
     )

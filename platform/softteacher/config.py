@@ -262,6 +262,10 @@ class TrainConfig:
     # Ray's rolling checkpoints kept (the latest ones; a run's end-of-burn-in branch point is
     # kept apart): a checkpoint holds student, teacher and optimiser, 69-140 MiB at the CPU sizes
     keep_checkpoints: int = 2
+    # rows of each stream the trial's own process makes while its Ray Data actors start
+    # (a run's first step then waits for no actor; the rows are the ones an actor would
+    # make); 0: every row from the actors
+    stream_head_rows: int = 128
     # a step whose loss or gradient is NaN or infinite is skipped (no update) and counted in
     # ``nonfinite_steps``; this many in a row stop the run with the reason
     max_nonfinite_in_a_row: int = 3
@@ -285,6 +289,10 @@ class TrainConfig:
                 "train", self, ("supervised_per_step",), 1,
                 "a supervised step needs an image (leave it unset for labeled + unlabeled)",
             )
+        _require_at_least(
+            "train", self, ("stream_head_rows",), 0,
+            "0 makes every row on the Data actors",
+        )
         _require_at_least(
             "train", self, ("eval_every", "ckpt_every", "log_every"), 1,
             "it is a number of steps (give a large one to do it rarely)",

@@ -9,10 +9,11 @@ order whichever actor finished first. Nothing in a row depends on which actor ma
 
 A stream runs as a series of Ray Data executions of ``WINDOW_ROWS`` positions each, so the
 work list stays small for a 180k-step run; each execution starts its actors again (a few
-seconds on a 2-core machine), once every few thousand rows. The stream's first
-``HEAD_ROWS`` rows are made in this process, by the same ``AugmentedRows``, while the first
-execution starts its actors: a run's first step does not wait for Ray (4-8 s a stream on
-2 cores), and the rows are the ones an actor would have made.
+seconds on a 2-core machine), once every few thousand rows. A stream's first
+``head_rows`` rows (``train.stream_head_rows``) can be made in this process, by the same
+``AugmentedRows``, while the first execution starts its actors: a run's first step does
+not wait for Ray (4-8 s a stream on 2 cores), and the rows are the ones an actor would
+have made.
 
 Resources, sized for the 2-core machine: a Tune trial (0.01 CPU) and its Train worker
 (1 CPU) leave 0.99 logical CPU, and Ray places an actor only when its whole request fits.
@@ -39,9 +40,6 @@ from softteacher.data.shards import ShardSet
 DATA_ACTOR_CPUS = 0.25
 WINDOW_ROWS = 8192
 SEGMENT_ROWS = 16
-# Rows made in process while the actors start: ~7 s of a cpu-preset supervised step's
-# appetite (18 rows/s), for ~0.5 s of this process's time (labeled rows).
-HEAD_ROWS = 128
 # Blocks of ``SEGMENT_ROWS`` rows a stream holds ready ahead of the trainer.
 PREFETCH_BLOCKS = 4
 _END = object()
@@ -83,7 +81,7 @@ class RayRowStream:
         num_cpus: float = DATA_ACTOR_CPUS,
         window_rows: int = WINDOW_ROWS,
         segment_rows: int = SEGMENT_ROWS,
-        head_rows: int = HEAD_ROWS,
+        head_rows: int = 0,
     ) -> None:
         low, high = concurrency
         if not 1 <= low <= high:

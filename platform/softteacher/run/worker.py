@@ -17,7 +17,7 @@ import torch
 
 from softteacher.config import ExperimentConfig
 from softteacher.data.coco import CocoDataset, load_coco
-from softteacher.data.ray_stream import HEAD_ROWS, RayRowStream
+from softteacher.data.ray_stream import RayRowStream
 from softteacher.data.rows import StreamPlan
 from softteacher.data.steps import StepBatches, start_positions
 from softteacher.eval.models import RunEvaluation, evaluate_run
@@ -202,7 +202,7 @@ def ray_step_batches(
             cfg.augment,
             start=start,
             stop=start + needed[kind],
-            head_rows=HEAD_ROWS if read_now[kind] else 0,
+            head_rows=cfg.train.stream_head_rows if read_now[kind] else 0,
         )
 
     uses_unlabeled = spec.unlabeled is not None and needed["unlabeled"] > 0
