@@ -65,6 +65,9 @@ def ray_cluster(_ray_session) -> None:
     """One loopback cluster for every Ray test (started on first use, kept until the end:
     starting one costs seconds); a test that needs its own shuts this one down first."""
     if not ray.is_initialized():
+        # smoke trials last seconds: MLflow's system metrics sample every second, as in the
+        # sweep commands the tests start (test_sweep._sweep_env); the workers inherit it
+        os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
         ray.init(
             num_cpus=RAY_TEST_CPUS,
             include_dashboard=False,
