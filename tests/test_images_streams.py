@@ -166,3 +166,23 @@ def test_unlabeled_rows_carry_weak_and_strong_views_and_steps_count_positions(sm
     labeled, unlabeled = steps.labeled(5), steps.unlabeled(4)
     assert len(labeled.images) == 5 and len(unlabeled.weak) == len(unlabeled.strong) == 4
     assert steps.position() == {"labeled_rows": 5, "unlabeled_rows": 11}
+
+
+def test_step_batches_close_both_streams_however_the_run_ends(smoke_fold) -> None:
+    """``with StepBatches(...)`` around a run: a step that raises still closes each stream,
+    so a Ray stream's actors never outlive the run that used them."""
+
+    class Recorded(LocalRowStream):
+        closed = 0
+
+        def close(self) -> None:
+            self.closed += 1
+
+    labeled_plan = StreamPlan("labeled", smoke_fold.labeled.num_rows, seed=1)
+    unlabeled_plan = StreamPlan("unlabeled", smoke_fold.unlabeled.num_rows, seed=1)
+    labeled = Recorded(smoke_fold.labeled, labeled_plan, AUGMENT)
+    unlabeled = Recorded(smoke_fold.unlabeled, unlabeled_plan, AUGMENT)
+    with pytest.raises(FloatingPointError), StepBatches(labeled, unlabeled, "cpu") as steps:
+        steps.labeled(2)
+        raise FloatingPointError("the step's loss was NaN")
+    assert (labeled.closed, unlabeled.closed) == (1, 1)

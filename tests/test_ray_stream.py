@@ -122,6 +122,28 @@ def test_a_data_actor_killed_mid_stream_is_replaced_and_the_rows_stay_the_same(
     assert pa.concat_tables([first, after, rest]).equals(local)
 
 
+def test_a_closed_stream_ends_its_actors_and_refuses_rows(ray_cluster, smoke_fold):
+    """A run that stops early (a failed step) closes its streams: the stream's threads end,
+    its Data actor process exits and its CPU share is free again, for the retry in the same
+    process, long before the rows it planned are made."""
+    shards = smoke_fold.unlabeled
+    free_before = ray.available_resources().get("CPU", 0.0)
+    n = 50 * shards.num_rows  # a minute of work: the stream is mid-way when closed
+    stream = RayRowStream(
+        shards, _plan(shards, "unlabeled"), AUGMENT, stop=n, concurrency=(1, 1), segment_rows=3
+    )
+    stream.take(7)
+    (actor,) = _data_actors()
+    assert stream.close(timeout=60), "the stream's threads still ran 60 s after close"
+    actor.wait(timeout=60)  # raises if the actor process still runs
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0.0) < free_before:
+        assert time.monotonic() < deadline, "the closed stream's CPU share was not released"
+        time.sleep(0.5)
+    with pytest.raises(RuntimeError, match="stream was closed"):
+        stream.take(1)
+
+
 def _data_actors() -> list[psutil.Process]:
     """The Data actors of this test process's cluster (its raylet is a child of ours)."""
     return [

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -96,9 +97,14 @@ class RayRowStream:
         self._window = window_rows
         self._segment = segment_rows
         self._pending: pa.Table | None = None
-        self._blocks = _prefetched(self._all_blocks(start, min(start + head_rows, stop)))
+        self._closed = False
+        head_stop = min(start + head_rows, stop)
+        self._from_actors = _Prefetched(self._windows(head_stop))
+        self._blocks = _Prefetched(self._head_then_actors(start, head_stop))
 
     def take(self, n: int) -> pa.Table:
+        if self._closed:
+            raise RuntimeError(f"the {self._args[1].stream} stream was closed")
         parts, have = [], 0
         while have < n:
             if self._pending is None:
@@ -116,15 +122,30 @@ class RayRowStream:
         self.position += n
         return pa.concat_tables(parts)
 
-    def _all_blocks(self, start: int, head_stop: int) -> Iterator[pa.Table]:
-        """The head's blocks, made here, then the actors', whose first execution starts
-        before the head's first row is made."""
-        from_actors = _prefetched(self._windows(head_stop))
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the stream: its threads end and its Ray Data execution shuts down with its
+        actors, when the block each thread waits for arrives. A run that ends early (a
+        failed step) so frees the actors' CPUs for its retry in the same process.
+        ``timeout``: seconds to wait for that (None: return at once); whether it ended."""
+        self._closed = True
+        self._blocks.close()
+        self._from_actors.close()
+        if timeout is None:
+            return False
+        deadline = time.monotonic() + timeout
+        return all(
+            part.join(max(0.0, deadline - time.monotonic()))
+            for part in (self._blocks, self._from_actors)
+        )
+
+    def _head_then_actors(self, start: int, head_stop: int) -> Iterator[pa.Table]:
+        """The head's blocks, made here while the actors' first execution starts, then
+        the actors'."""
         if start < head_stop:
             rows = AugmentedRows(*self._args)
             for segment_start in range(start, head_stop, self._segment):
                 yield rows.rows(segment_start, min(segment_start + self._segment, head_stop))
-        yield from from_actors
+        yield from self._from_actors
 
     def _windows(self, start: int) -> Iterator[pa.Table]:
         for window_start in range(start, self._stop, self._window):
@@ -151,24 +172,60 @@ class RayRowStream:
         )
 
 
-def _prefetched(blocks: Iterator[pa.Table]) -> Iterator[pa.Table]:
+class _Prefetched:
     """``blocks`` iterated from now on by a thread of its own, ``PREFETCH_BLOCKS`` ahead of
-    the taker; an error there is raised where the blocks are taken."""
-    ready: queue.Queue = queue.Queue(maxsize=PREFETCH_BLOCKS)
+    the taker; an error there is raised where the blocks are taken.
 
-    def produce() -> None:
+    ``close`` ends the iteration: the thread stops at its next block and closes ``blocks``
+    itself (a generator is closed by the thread that runs it), which for Ray Data ends the
+    execution and its actors; a taker waiting for a block gets the end instead.
+    """
+
+    def __init__(self, blocks: Iterator[pa.Table]) -> None:
+        self._ready: queue.Queue = queue.Queue(maxsize=PREFETCH_BLOCKS)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(blocks,), daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> _Prefetched:
+        return self
+
+    def __next__(self) -> pa.Table:
+        block = self._ready.get()
+        if block is _END:
+            raise StopIteration
+        if isinstance(block, BaseException):
+            raise block
+        return block
+
+    def close(self) -> None:
+        self._closed.set()
+        while True:  # room in the queue: a thread blocked putting a block goes on, sees
+            try:
+                self._ready.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self._ready.put_nowait(_END)
+        except queue.Full:  # the thread put its block first; it puts nothing more
+            pass
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds for the thread to end; whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _produce(self, blocks: Iterator[pa.Table]) -> None:
         try:
             for block in blocks:
-                ready.put(block)
-            ready.put(_END)
+                if self._closed.is_set():
+                    return
+                self._ready.put(block)
+            self._ready.put(_END)
         except BaseException as error:  # handed to the taker's thread
-            ready.put(error)
-
-    def taken() -> Iterator[pa.Table]:
-        while (block := ready.get()) is not _END:
-            if isinstance(block, BaseException):
-                raise block
-            yield block
-
-    threading.Thread(target=produce, daemon=True).start()
-    return taken()
+            if not self._closed.is_set():
+                self._ready.put(error)
+        finally:
+            close = getattr(blocks, "close", None)
+            if close is not None:
+                close()

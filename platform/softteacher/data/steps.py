@@ -29,11 +29,14 @@ POSITION_KEYS = {"labeled": "labeled_rows", "unlabeled": "unlabeled_rows"}
 
 
 class RowStream(Protocol):
-    """A stream's rows in order; ``position`` is how many it has handed out."""
+    """A stream's rows in order; ``position`` is how many it has handed out; ``close``
+    stops whatever makes rows ahead of the taker."""
 
     position: int
 
     def take(self, n: int) -> pa.Table: ...
+
+    def close(self) -> object: ...
 
 
 class LocalRowStream:
@@ -50,13 +53,17 @@ class LocalRowStream:
         self.position += n
         return table
 
+    def close(self) -> None:
+        """Rows are made on demand in the taker's thread: nothing runs ahead to stop."""
+
 
 class StepBatches:
     """One worker's step data: ``labeled(images)`` and ``unlabeled(images)`` on demand.
 
     A stream that is never asked for never starts (a supervised run has no unlabeled one).
     ``position()`` is the data position to checkpoint: resuming from it continues each
-    stream at the exact row it stopped at.
+    stream at the exact row it stopped at. Used as a context manager, it closes its streams
+    however the run ends.
     """
 
     def __init__(
@@ -82,6 +89,17 @@ class StepBatches:
         samples = unlabeled_samples(self._unlabeled.take(images))
         self.last_image_ids["unlabeled"] = [int(s.image_id) for s in samples]
         return collate_unlabeled(samples, self.device)
+
+    def close(self) -> None:
+        for stream in (self._labeled, self._unlabeled):
+            if stream is not None:
+                stream.close()
+
+    def __enter__(self) -> StepBatches:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def position(self) -> dict[str, int]:
         """Rows handed out by each stream: what a checkpoint stores."""

@@ -81,4 +81,5 @@ def run_single_process(
         evaluate=lambda t: evaluate_run(t, val, unlabeled, cfg).metrics,
         checkpoint=checkpoint,
     )
-    return fit(trainer, batches, hooks)
+    with batches:
+        return fit(trainer, batches, hooks)

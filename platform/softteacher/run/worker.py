@@ -165,7 +165,8 @@ def _train(spec: RunSpec, session: RunSession) -> None:
             with disk_full_named(run_dir, what):
                 session.report(report, checkpoint_dir=Path(directory))
 
-    fit(trainer, batches, LoopHooks(log=log, evaluate=evaluate, checkpoint=save))
+    with batches:
+        fit(trainer, batches, LoopHooks(log=log, evaluate=evaluate, checkpoint=save))
 
 
 def _logged_before(step: int, metrics: Metrics, logged: dict[str, int]) -> bool:
