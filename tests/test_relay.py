@@ -32,7 +32,7 @@ class _Job:
     root: str | None = None
 
 
-def _trial(config: dict, jobs: dict[str, _Job]) -> None:
+def _trial(config: dict, jobs: dict[str, _Job], in_process: bool = False) -> None:
     quality = jobs[config["job"]].quality
 
     def stand_in_fit(callbacks: list) -> str:
@@ -50,16 +50,18 @@ def _trial(config: dict, jobs: dict[str, _Job]) -> None:
             return None  # ASHA's Tune refuses a result without its metric
         return report | {TRAINED_STEPS: report[EVAL_STEP]}
 
-    assert fit_reporting_to_tune(stand_in_fit, from_first_evaluation)
+    assert fit_reporting_to_tune(stand_in_fit, from_first_evaluation, in_process=in_process)
     tune.report({TEACHER_AP: quality * EVAL_STEPS[-1], "final": 1.0})  # as run_trial
 
 
-def _tune(tmp_path, jobs: list[_Job], settings: SweepSettings | None = None) -> dict:
+def _tune(
+    tmp_path, jobs: list[_Job], settings: SweepSettings | None = None, in_process: bool = False
+) -> dict:
     """The grid over ``jobs`` as the sweep runs it (a trial's config names its job), under
     the settings' early stopping; each result by its job's quality."""
     by_name = {f"job-{i}": job for i, job in enumerate(jobs)}
     tuner = tune.Tuner(
-        tune.with_parameters(_trial, jobs=by_name),
+        tune.with_parameters(_trial, jobs=by_name, in_process=in_process),
         param_space={"job": tune.grid_search(list(by_name))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=1,
@@ -71,8 +73,11 @@ def _tune(tmp_path, jobs: list[_Job], settings: SweepSettings | None = None) -> 
     return {by_name[result.config["job"]].quality: result for result in tuner.fit()}
 
 
-def test_every_report_reaches_tune_in_order_and_errors_surface(ray_cluster, tmp_path):
-    by_quality = _tune(tmp_path, [_Job(1.0), _Job(-1.0)])
+@pytest.mark.parametrize("in_process", [False, True], ids=["actor relay", "in-process relay"])
+def test_every_report_reaches_tune_in_order_and_errors_surface(ray_cluster, tmp_path, in_process):
+    """Through the relay actor (a Ray Train run reports from its controller) and through
+    the in-process relay (a ``--workers 0`` run reports from the trial's own process)."""
+    by_quality = _tune(tmp_path, [_Job(1.0), _Job(-1.0)], in_process=in_process)
     good, bad = by_quality[1.0], by_quality[-1.0]
     history = good.metrics_dataframe
     assert list(history[EVAL_STEP].dropna().astype(int)) == list(EVAL_STEPS)

@@ -203,15 +203,19 @@ def _fit_trial(job: TrialJob, spec: RunSpec) -> tuple[RunResult, dict]:
             return None
         return report | {TRAINED_STEPS: report[EVAL_STEP] - origin}
 
+    in_process = spec.resources.in_process
     if job.point.method == "multi_stage":
         result, summary["multi_stage"] = fit_reporting_to_tune(
             lambda callbacks: run_multi_stage(
                 spec, job.point.cls_thr, Path(job.work_dir), callbacks
             ),
             with_trained_steps,
+            in_process=in_process,
         )
     else:
-        result = fit_reporting_to_tune(lambda callbacks: run(spec, callbacks), with_trained_steps)
+        result = fit_reporting_to_tune(
+            lambda callbacks: run(spec, callbacks), with_trained_steps, in_process=in_process
+        )
     return result, summary
 
 
