@@ -64,6 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("train", {"labeled_per_step": 0}, "train.labeled_per_step must be >= 1, got 0; "),
         ("train", {"unlabeled_per_step": 0}, "train.unlabeled_per_step must be >= 1, got 0; "),
         ("train", {"supervised_per_step": 0}, "train.supervised_per_step must be >= 1, got 0; "),
+        ("train", {"data_actors": 0}, "train.data_actors must be >= 1, got 0; "),
         ("optim", {"lr": 0.0}, "optim.lr must be > 0, got 0.0; "),
     ],
 )

@@ -266,6 +266,9 @@ class TrainConfig:
     # (a run's first step then waits for no actor; the rows are the ones an actor would
     # make); 0: every row from the actors
     stream_head_rows: int = 128
+    # the most Ray Data actors each stream's pool grows to (it starts with one, and Ray Data
+    # adds actors while their queue is long); one makes hundreds of rows/s at the CPU sizes
+    data_actors: int = 2
     # a step whose loss or gradient is NaN or infinite is skipped (no update) and counted in
     # ``nonfinite_steps``; this many in a row stop the run with the reason
     max_nonfinite_in_a_row: int = 3
@@ -292,6 +295,9 @@ class TrainConfig:
         _require_at_least(
             "train", self, ("stream_head_rows",), 0,
             "0 makes every row on the Data actors",
+        )
+        _require_at_least(
+            "train", self, ("data_actors",), 1, "a stream needs an actor to make its rows"
         )
         _require_at_least(
             "train", self, ("eval_every", "ckpt_every", "log_every"), 1,

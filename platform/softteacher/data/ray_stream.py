@@ -18,9 +18,10 @@ have made.
 Resources, sized for the 2-core machine: a Tune trial (0.01 CPU) and its Train worker
 (1 CPU) leave 0.99 logical CPU, and Ray places an actor only when its whole request fits.
 The actors ask ``DATA_ACTOR_CPUS = 0.25`` each: the labeled and the unlabeled pool's first
-actors take 0.5 together and each pool can grow to its second actor while room remains.
-These are logical shares: augmenting is cheap next to a training step (hundreds of
-images/s against ~10 for the slim detector).
+actors take 0.5 together and each pool can grow to ``train.data_actors`` while room remains
+(the CPU presets keep one: a second is a process more for rows one actor makes 20x faster
+than the step takes them). These are logical shares: augmenting is cheap next to a
+training step (hundreds of images/s against ~10 for the slim detector).
 """
 
 from __future__ import annotations

@@ -204,6 +204,7 @@ def ray_step_batches(
             start=start,
             stop=start + needed[kind],
             head_rows=cfg.train.stream_head_rows if read_now[kind] else 0,
+            concurrency=(1, cfg.train.data_actors),
         )
 
     uses_unlabeled = spec.unlabeled is not None and needed["unlabeled"] > 0
