@@ -150,6 +150,8 @@ class RayRowStream:
 
     def _windows(self, start: int) -> Iterator[pa.Table]:
         for window_start in range(start, self._stop, self._window):
+            if self._closed:  # no new execution, and its actors, for a closed stream
+                return
             window_stop = min(window_start + self._window, self._stop)
             dataset = self._dataset(window_start, window_stop)
             yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
@@ -175,16 +177,19 @@ class RayRowStream:
 
 class _Prefetched:
     """``blocks`` iterated from now on by a thread of its own, ``PREFETCH_BLOCKS`` ahead of
-    the taker; an error there is raised where the blocks are taken.
+    the taker; an error there is raised where the blocks are taken (and again at each later
+    take: the stream is over).
 
-    ``close`` ends the iteration: the thread stops at its next block and closes ``blocks``
-    itself (a generator is closed by the thread that runs it), which for Ray Data ends the
-    execution and its actors; a taker waiting for a block gets the end instead.
+    ``close`` ends the iteration: the thread takes no block after the one it is waiting for
+    and closes ``blocks`` itself (a generator is closed by the thread that runs it), which
+    for Ray Data ends the execution and its actors; a taker waiting for a block gets the end
+    instead.
     """
 
     def __init__(self, blocks: Iterator[pa.Table]) -> None:
         self._ready: queue.Queue = queue.Queue(maxsize=PREFETCH_BLOCKS)
         self._closed = threading.Event()
+        self._over: BaseException | None = None  # StopIteration or the producer's error
         self._thread = threading.Thread(target=self._produce, args=(blocks,), daemon=True)
         self._thread.start()
 
@@ -192,24 +197,21 @@ class _Prefetched:
         return self
 
     def __next__(self) -> pa.Table:
+        if self._over is not None:
+            raise self._over
         block = self._ready.get()
         if block is _END:
-            raise StopIteration
+            self._over = StopIteration()
+            raise self._over
         if isinstance(block, BaseException):
+            self._over = block
             raise block
         return block
 
     def close(self) -> None:
         self._closed.set()
-        while True:  # room in the queue: a thread blocked putting a block goes on, sees
-            try:
-                self._ready.get_nowait()
-            except queue.Empty:
-                break
-        try:
-            self._ready.put_nowait(_END)
-        except queue.Full:  # the thread put its block first; it puts nothing more
-            pass
+        self._drain()
+        self._end_for_a_waiting_taker()
 
     def join(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds for the thread to end; whether it has."""
@@ -218,11 +220,11 @@ class _Prefetched:
 
     def _produce(self, blocks: Iterator[pa.Table]) -> None:
         try:
-            for block in blocks:
-                if self._closed.is_set():
+            while not self._closed.is_set():
+                block = next(blocks, _END)
+                self._ready.put(block)  # after a close the drained queue has room
+                if block is _END:
                     return
-                self._ready.put(block)
-            self._ready.put(_END)
         except BaseException as error:  # handed to the taker's thread
             if not self._closed.is_set():
                 self._ready.put(error)
@@ -230,3 +232,19 @@ class _Prefetched:
             close = getattr(blocks, "close", None)
             if close is not None:
                 close()
+            if self._closed.is_set():
+                self._drain()  # the block put while closing: never taken
+                self._end_for_a_waiting_taker()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._ready.get_nowait()
+            except queue.Empty:
+                return
+
+    def _end_for_a_waiting_taker(self) -> None:
+        try:
+            self._ready.put_nowait(_END)
+        except queue.Full:  # a block is there for the taker; the end follows from its producer
+            pass

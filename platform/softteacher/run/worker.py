@@ -118,54 +118,55 @@ def _train(spec: RunSpec, session: RunSession) -> None:
     with session.resume_dir() as directory:
         start = restore_start(trainer, directory)
     position = start.get("data_position", {})
-    batches = ray_step_batches(spec, rank, world_size, position, trainer.step_count, device)
-    val, unlabeled = _eval_sets(spec) if is_rank_zero else (None, None)
-    latest_eval: Metrics = {}
-    latest_speed: Metrics = {}
+    # the streams start now (their head rows and actors while the rest is set up) and are
+    # closed however this ends, a failure in the set-up included
+    with ray_step_batches(spec, rank, world_size, position, trainer.step_count, device) as batches:
+        val, unlabeled = _eval_sets(spec) if is_rank_zero else (None, None)
+        latest_eval: Metrics = {}
+        latest_speed: Metrics = {}
 
-    gauges = ProgressGauges(session.experiment_name) if is_rank_zero else None
-    tracked = spec.tracking if is_rank_zero else None
-    logged = last_logged_steps(tracked, REPLAY_KEYS) if tracked is not None else {}
+        gauges = ProgressGauges(session.experiment_name) if is_rank_zero else None
+        tracked = spec.tracking if is_rank_zero else None
+        logged = last_logged_steps(tracked, REPLAY_KEYS) if tracked is not None else {}
 
-    def log(step: int, metrics: Metrics) -> None:
-        if tracked is not None and not _logged_before(step, metrics, logged):
-            log_metrics(tracked, metrics, step)
-        if gauges is not None:
-            gauges.update(step, metrics)
-        if IMAGES_PER_S in metrics:
-            latest_speed[IMAGES_PER_S] = metrics[IMAGES_PER_S]
-        # Every worker reports at the same steps: a report is a barrier in Ray Train.
-        session.report({STEP: step, **latest_speed, **metrics, **latest_eval})
+        def log(step: int, metrics: Metrics) -> None:
+            if tracked is not None and not _logged_before(step, metrics, logged):
+                log_metrics(tracked, metrics, step)
+            if gauges is not None:
+                gauges.update(step, metrics)
+            if IMAGES_PER_S in metrics:
+                latest_speed[IMAGES_PER_S] = metrics[IMAGES_PER_S]
+            # Every worker reports at the same steps: a report is a barrier in Ray Train.
+            session.report({STEP: step, **latest_speed, **metrics, **latest_eval})
 
-    def evaluate(trainer: SoftTeacherTrainer) -> Metrics:
-        if val is None:
-            return {}
-        evaluation = evaluate_run(trainer, val, unlabeled, cfg)
-        latest_eval.update(evaluation.metrics)
-        latest_eval["eval_step"] = trainer.step_count
-        if trainer.step_count == cfg.train.max_steps and spec.tracking is not None:
-            log_final_artifacts(spec.tracking, trainer, val, evaluation, cfg)
-        return dict(latest_eval)
+        def evaluate(trainer: SoftTeacherTrainer) -> Metrics:
+            if val is None:
+                return {}
+            evaluation = evaluate_run(trainer, val, unlabeled, cfg)
+            latest_eval.update(evaluation.metrics)
+            latest_eval["eval_step"] = trainer.step_count
+            if trainer.step_count == cfg.train.max_steps and spec.tracking is not None:
+                log_final_artifacts(spec.tracking, trainer, val, evaluation, cfg)
+            return dict(latest_eval)
 
-    def save(trainer: SoftTeacherTrainer, metrics: Metrics) -> None:
-        step = trainer.step_count
-        report = {STEP: step, **latest_speed, **latest_eval, "checkpoint_step": step}
-        if not is_rank_zero:
-            session.report(report)
-            return
-        extra = {"data_position": batches.position()}
-        run_dir = Path(spec.storage_path) / spec.name
-        what = f"the checkpoint of step {step}"
-        if step == cfg.method.burn_in_steps:  # the branch point, kept beside Ray's rolling ones
-            with disk_full_named(run_dir, f"the branch point ({what})"):
-                save_checkpoint(trainer, run_dir / BRANCH_POINT_DIR, extra)
-        with tempfile.TemporaryDirectory() as directory:
-            with disk_full_named(Path(tempfile.gettempdir()), what):
-                save_checkpoint(trainer, Path(directory), extra)
-            with disk_full_named(run_dir, what):
-                session.report(report, checkpoint_dir=Path(directory))
+        def save(trainer: SoftTeacherTrainer, metrics: Metrics) -> None:
+            step = trainer.step_count
+            report = {STEP: step, **latest_speed, **latest_eval, "checkpoint_step": step}
+            if not is_rank_zero:
+                session.report(report)
+                return
+            extra = {"data_position": batches.position()}
+            run_dir = Path(spec.storage_path) / spec.name
+            what = f"the checkpoint of step {step}"
+            if step == cfg.method.burn_in_steps:  # the branch point, kept beside Ray's rolling ones
+                with disk_full_named(run_dir, f"the branch point ({what})"):
+                    save_checkpoint(trainer, run_dir / BRANCH_POINT_DIR, extra)
+            with tempfile.TemporaryDirectory() as directory:
+                with disk_full_named(Path(tempfile.gettempdir()), what):
+                    save_checkpoint(trainer, Path(directory), extra)
+                with disk_full_named(run_dir, what):
+                    session.report(report, checkpoint_dir=Path(directory))
 
-    with batches:
         fit(trainer, batches, LoopHooks(log=log, evaluate=evaluate, checkpoint=save))
 
 
