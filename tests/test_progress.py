@@ -3,6 +3,7 @@ progress line counts the whole sweep."""
 
 from __future__ import annotations
 
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -150,3 +151,32 @@ def test_the_sweep_line_says_where_each_running_trial_is(capsys) -> None:
         "; running: 10% fold 2 supervised cls_thr 0.7 reg_thr 0.02; "
         "10% fold 3 supervised cls_thr 0.7 reg_thr 0.02 (step 500: teacher mAP 11.20)"
     )
+
+
+def test_a_printer_restored_with_its_sweep_counts_the_trials_ended_before(
+    monkeypatch, capsys
+) -> None:
+    """A rerun of an interrupted sweep gets Tune's pickled copy of the printer back: its
+    clock starts in the resuming process, and the trials finished before count as ended."""
+    fake = _FakeTime()
+    monkeypatch.setattr("softteacher.tune.progress.time", fake)
+    specs = [TrialSpec(10.0, f, "supervised", 0.7, 0.02) for f in (1, 2, 3)]
+    printer = TrialEventPrinter(total=3)
+    printer.plan({s.name: s.title for s in specs}, {s.name: s.kind for s in specs})
+    fake.now = 3600.0  # the rerun, an hour later
+    restored = pickle.loads(pickle.dumps(printer))
+    trials = [
+        SimpleNamespace(trial_id=f"t{i}", config={"job": s.name}, status=status, last_result={})
+        for i, (s, status) in enumerate(zip(specs, ("TERMINATED", "TERMINATED", "PENDING")))
+    ]
+    restored.on_step_begin(0, trials)
+    restored.on_step_begin(1, trials)  # counted once
+    assert capsys.readouterr().out == (
+        "[sweep] resumed: 2/3 trials ended before, not trained again\n"
+    )
+    restored.on_trial_start(1, trials, trials[2])
+    fake.now = 3660.0
+    trials[2].last_result = {"teacher/AP": 9.0, "final": 1.0}
+    restored.on_trial_complete(1, trials, trials[2])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == "[sweep] 3/3 trials ended, 1.0 min elapsed"

@@ -158,6 +158,8 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
     # (checked below: one logged model, each step logged once).
     assert again.count("[start] 10% fold 1 soft_teacher") == 1
     assert again.count("[done]  10% fold 1 soft_teacher") == 1
+    # the progress counts the whole sweep, the trial that ended before the kill included
+    assert "[sweep] 2/2 trials ended" in again
     # the killed driver's cluster went with it: its raylet and GCS at once; Ray's dashboard
     # and runtime-env agents see their raylet die at once too, but first try to report it
     # to the dead GCS, for its 60 s reconnect timeout (61-141 s measured), so they are

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 
 from softteacher.names import (
     ALREADY_FINISHED,
@@ -46,6 +47,11 @@ class SweepClock:
             if job not in self._kinds:
                 self._planned[kind] += 1
             self._kinds[job] = kind
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """The planned jobs: name -> kind."""
+        return dict(self._kinds)
 
     def started(self, trial_id: str, job: str | None) -> None:
         self._running[trial_id] = (self._kinds.get(job, ""), time.monotonic())
@@ -90,6 +96,11 @@ class TrialEventPrinter(Callback):
 
     One printer serves every Tune experiment of a sweep, so ``total`` is the sweep's trial
     count; ``plan`` tells it each job's kind for the ETA (``SweepClock``).
+
+    Tune pickles its callbacks with the experiment, and a restored sweep runs with that copy,
+    not with a new one: unpickled, a printer keeps the sweep's size and jobs and starts its
+    clock and counts anew, and it counts the trials that had ended before the resume at the
+    first step of the restored experiment (Tune starts no such trial again).
     """
 
     def __init__(self, total: int) -> None:
@@ -100,11 +111,34 @@ class TrialEventPrinter(Callback):
         self._ended = 0
         self._last_eval_step: dict[str, int] = {}  # trial id -> step of its last evaluation
         self._running: dict[str, _Running] = {}  # trial id -> where it is, for the [sweep] line
+        self._counted_earlier = False
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"total": self._total, "titles": self.titles, "kinds": self.clock.kinds}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["total"])
+        self.plan(state["titles"], state["kinds"])
 
     def plan(self, titles: Mapping[str, str], kinds: Mapping[str, str]) -> None:
         """The jobs of a Tune experiment: name -> terminal title, and name -> kind."""
         self.titles.update(titles)
         self.clock.plan(kinds)
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self._counted_earlier:
+            return
+        self._counted_earlier = True
+        earlier = [t for t in trials if t.status == Trial.TERMINATED]
+        for trial in earlier:
+            self._ended += 1
+            self.clock.ended(trial.trial_id, trial.config.get("job"), timed=False)
+        if earlier:
+            print(
+                f"[sweep] resumed: {self._ended}/{self._total} trials ended before, "
+                "not trained again",
+                flush=True,
+            )
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.clock.started(trial.trial_id, trial.config.get("job"))
