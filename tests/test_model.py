@@ -22,7 +22,13 @@ from softteacher.model.pseudo_labels import (
     pseudo_targets,
     teacher_background_prob,
 )
-from softteacher.model.soft_teacher import StudentLosses, rpn_ignoring_uncertain
+from softteacher.model.soft_teacher import (
+    SUPERVISED_LOSSES,
+    UNSUPERVISED_LOSSES,
+    StudentLosses,
+    rpn_ignoring_uncertain,
+    running_stats_frozen,
+)
 from softteacher.names import STEP_PARTS
 from softteacher.presets import preset
 from softteacher.train.loop import LoopHooks, fit
@@ -377,6 +383,53 @@ def test_boxes_on_an_uncertain_candidate_get_no_background_weight():
     reliability = losses.reliability(torch.zeros(3, 5), proposals, pseudo, teacher_bg=None)
     assert reliability[0] == 0  # on the uncertain box: ignored
     assert reliability[1] > 0.8 and reliability[2] == 0  # the IoU indicator itself
+
+
+def _bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in module.named_buffers() if "running" in name}
+
+
+def _student_step(student_forward: str, with_strong: bool):
+    """One student forward of a fresh smoke detector from seed 0: its losses and afterwards
+    its BatchNorm running statistics."""
+    torch.manual_seed(0)
+    detector = build_detector(preset("smoke").detector).train()
+    cfg = MethodConfig(indicator="iou", student_forward=student_forward)
+    losses = StudentLosses(detector, cfg)
+    labeled = _labeled(0.8, n=2)
+    views = torch.Generator().manual_seed(1)  # leaves the global stream to the sampling
+    strong = [torch.rand(3, SIZE, SIZE, generator=views) for _ in range(2)] if with_strong else None
+    box = torch.tensor([[8.0, 8.0, 40.0, 40.0]])
+    cls = [{"boxes": box, "labels": torch.tensor([1])} for _ in range(2)]
+    empty = [torch.zeros(0, 4)] * 2
+    pseudo = PseudoTargets(rpn=cls, cls=cls, reg=cls, rpn_uncertain=empty, cls_uncertain=empty)
+    out = losses(labeled.images, labeled.targets, strong, pseudo if with_strong else None)
+    return out, _bn_buffers(detector)
+
+
+def test_separate_student_forward_leaves_running_statistics_to_the_labeled_images():
+    supervised, labeled_only = _student_step("joint", with_strong=False)
+    separate, separate_stats = _student_step("separate", with_strong=True)
+    joint, joint_stats = _student_step("joint", with_strong=True)
+    assert labeled_only
+    assert all(torch.equal(labeled_only[k], separate_stats[k]) for k in labeled_only)
+    assert not all(torch.equal(labeled_only[k], joint_stats[k]) for k in labeled_only)
+    # the labeled images are normalised by their own batch, as without strong views
+    for name in SUPERVISED_LOSSES:
+        assert torch.equal(separate[name], supervised[name]), name
+    assert all(torch.isfinite(separate[name]) for name in UNSUPERVISED_LOSSES)
+    assert not torch.equal(joint["sup_cls"], supervised["sup_cls"])
+
+
+def test_running_stats_frozen_restores_tracking():
+    detector = build_detector(preset("smoke").detector).train()
+    before = _bn_buffers(detector)
+    with running_stats_frozen(detector.backbone):
+        detector.backbone(torch.rand(2, 3, SIZE, SIZE))
+    after = _bn_buffers(detector)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    norms = [m for m in detector.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.track_running_stats for m in norms)
 
 
 def test_background_weights_read_the_classification_uncertain_set_only():

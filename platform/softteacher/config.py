@@ -19,6 +19,7 @@ SoftWeightNorm = Literal["joint", "paper"]
 DetectorPreset = Literal["r50-fpn", "slim"]
 Precision = Literal["off", "bf16"]
 KernelChoice = Literal["auto", "reference"]
+StudentForward = Literal["joint", "separate"]
 ViewKind = Literal["weak", "colour", "strong"]
 
 # In the paper's ablation order (Tables 5-6): tables list methods in this order.
@@ -173,6 +174,12 @@ class MethodConfig:
     # tensors when triton imports and the plain-torch reference (kernels/) otherwise;
     # "reference" always runs the reference (to compare, or to rule the kernels out).
     kernels: KernelChoice = "auto"
+    # Not in the paper (its ResNet-50 has frozen BatchNorm): how the student's backbone sees
+    # the strong views. "joint" runs them in one batch with the labeled images; "separate"
+    # runs them in a pass of their own that normalises by their own batch statistics and
+    # leaves the running statistics, which the EMA teacher and evaluation normalise by, to
+    # the labeled images (the authors' code also runs the two forwards apart).
+    student_forward: StudentForward = "joint"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -185,6 +192,11 @@ class MethodConfig:
             )
         if self.kernels not in ("auto", "reference"):
             raise ValueError(f"unknown method.kernels {self.kernels!r}; use 'auto' or 'reference'")
+        if self.student_forward not in ("joint", "separate"):
+            raise ValueError(
+                f"unknown method.student_forward {self.student_forward!r}; "
+                "use 'joint' or 'separate'"
+            )
         _require_unit_interval(
             "method", self, ("candidate_thr", "cls_thr", "rpn_thr"),
             "it compares teacher scores, which are probabilities (the paper uses 0.9)",

@@ -7,10 +7,12 @@ pseudo targets it produced and a function that scores boxes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
@@ -48,17 +50,25 @@ class StudentLosses(nn.Module):
         pseudo: PseudoTargets | None = None,
         teacher_bg: BoxScorer | None = None,
     ) -> dict[str, Tensor]:
-        images = labeled_images + (strong_images or [])
-        image_list, _ = self.detector.transform(images)
-        features = self.detector.backbone(image_list.tensors)
-        n_labeled = len(labeled_images)
-        losses = self._supervised(*_split(image_list, features, 0, n_labeled), labeled_targets)
+        if strong_images and pseudo is None:
+            raise ValueError("strong views given without pseudo targets")
+        if strong_images and self.cfg.student_forward == "separate":
+            labeled = self._features(labeled_images)
+            with running_stats_frozen(self.detector.backbone):
+                unlabeled = self._features(strong_images)
+        else:
+            images, features = self._features(labeled_images + (strong_images or []))
+            n_labeled = len(labeled_images)
+            labeled = _split(images, features, 0, n_labeled)
+            unlabeled = _split(images, features, n_labeled, len(images.image_sizes))
+        losses = self._supervised(*labeled, labeled_targets)
         if strong_images:
-            if pseudo is None:
-                raise ValueError("strong views given without pseudo targets")
-            unlabeled = _split(image_list, features, n_labeled, len(images))
             losses.update(self._unsupervised(*unlabeled, pseudo, teacher_bg))
         return losses
+
+    def _features(self, images: list[Tensor]) -> tuple[ImageList, dict[str, Tensor]]:
+        image_list, _ = self.detector.transform(images)
+        return image_list, self.detector.backbone(image_list.tensors)
 
     def _supervised(
         self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]]
@@ -165,6 +175,22 @@ def rpn_ignoring_uncertain(
     targets = rpn.box_coder.encode(matched, anchors)
     loss_objectness, loss_box = rpn.compute_loss(objectness, deltas, labels, targets)
     return boxes, {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
+
+
+@contextmanager
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of ``module`` normalise by the batch's statistics, as in training,
+    without moving their running statistics towards it (``track_running_stats`` off)."""
+    norms = [
+        m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+    ]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
 
 
 def _max_iou(boxes: Tensor, pseudo_boxes: Tensor) -> Tensor:
