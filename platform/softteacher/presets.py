@@ -135,12 +135,16 @@ def _preset_cpu() -> ExperimentConfig:
     - a semi-supervised step of the baseline's 5 labeled images plus 4 unlabeled ones (the
       paper's 1 + 4 gives up 4 labeled images a step, which 150 steps never pay back:
       Soft Teacher 12.71 / 12.37 with 1 + 4 against 14.25 / 13.88 with 5 + 4 at 10% folds
-      1-2, seed 0, one branch point each; supervised 14.40 / 14.18).
+      1-2, seed 0, one branch point each; supervised 14.40 / 14.18);
+    - the student's unlabeled views in a backbone pass of their own (``student_forward``):
+      this detector's BatchNorm trains, and statistics shared with the strong views cost
+      Soft Teacher 0.9 mAP by step 1350 at 10% and 5% (10 and 6 fold-seed pairs, outside
+      the noise) and 0.4 at step 750 (README "Levers").
     """
     burn_in = 600
     return _preset_bench().replace(
         detector=_LIGHT_HEADS | {"slim_blocks": (1, 1, 1, 1)},
-        method={"burn_in_steps": burn_in},
+        method={"burn_in_steps": burn_in, "student_forward": "separate"},
         optim={"lr": 0.04, "warmup_steps": 50, "decay_steps": (burn_in,)},
         train={
             "max_steps": 750,
