@@ -9,6 +9,8 @@ import json
 import re
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -509,3 +511,26 @@ def test_a_taken_dashboard_port_is_passed_over_unless_it_was_asked_for(capsys):
         assert chosen > taken
         assert f"127.0.0.1:{taken} is in use" in capsys.readouterr().out
     assert choose_dashboard_port(chosen) == chosen
+
+
+def test_a_dashboard_port_another_command_chose_is_passed_over_until_it_exits(capsys):
+    """Two sweeps started seconds apart: the first's cluster has not bound its dashboard
+    yet, so its port looks free; the first command's claim on it is what the second sees."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    first = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from softteacher.preflight import choose_dashboard_port; "
+         f"print(choose_dashboard_port(None, default={port}), flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert first.stdout.readline().strip() == str(port)
+        with pytest.raises(UsageError, match=rf"^--dashboard-port {port}: .* is in use"):
+            choose_dashboard_port(port)
+        assert choose_dashboard_port(None, default=port) > port
+        assert f"127.0.0.1:{port} is in use" in capsys.readouterr().out
+    finally:
+        first.communicate("")  # the first command exits: its claim goes with it
+    assert choose_dashboard_port(None, default=port) == port

@@ -9,11 +9,13 @@ where, the fix>``, and exit status 2 (argparse's). The ``check_*`` functions are
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import math
 import os
 import shutil
 import socket
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -79,9 +81,14 @@ def choose_dashboard_port(requested: int | None, default: int = DASHBOARD_PORT) 
     """The local cluster's dashboard port: ``requested`` when it is free; without a request
     Ray's ``default`` or, when another cluster on the machine holds it (a second sweep
     beside a first), the next free port after it, said in one line (Ray itself fails on a
-    taken port with a traceback, after the cluster's other processes started)."""
+    taken port with a traceback, after the cluster's other processes started).
+
+    A port counts as taken while another command of ours has claimed it: a cluster binds
+    its dashboard 10-60 s after its command chose the port (longer on a busy machine), so a
+    second command started in that window found it free and Ray then failed to bind it.
+    The claim lasts as long as this process."""
     if requested is not None:
-        if not _port_is_free(requested):
+        if not _port_is_free(requested) or not _claim(requested):
             raise UsageError(
                 f"--dashboard-port {requested}: {DASHBOARD_HOST}:{requested} is in use "
                 "(another Ray cluster's dashboard?); pass a free port, or leave the option "
@@ -89,7 +96,7 @@ def choose_dashboard_port(requested: int | None, default: int = DASHBOARD_PORT) 
             )
         return requested
     for port in range(default, default + 100):
-        if _port_is_free(port):
+        if _port_is_free(port) and _claim(port):
             if port != default:
                 print(
                     f"{DASHBOARD_HOST}:{default} is in use (another Ray cluster on this "
@@ -107,6 +114,28 @@ def _port_is_free(port: int) -> bool:
             probe.bind((DASHBOARD_HOST, port))
         except OSError:
             return False
+    return True
+
+
+_CLAIMED_PORTS: dict[int, int] = {}  # port -> the open lock file's descriptor, held to exit
+
+
+def _claim(port: int) -> bool:
+    """Take the machine-wide lock file of ``port`` unless another live process holds it
+    (the kernel drops a dead process's lock, so a killed sweep leaves no stale claim)."""
+    if port in _CLAIMED_PORTS:
+        return True
+    lock_file = Path(tempfile.gettempdir()) / f"softteacher-dashboard-{port}.lock"
+    try:
+        fd = os.open(lock_file, os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError:
+        return True  # another user's lock file: the bind check alone decides
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _CLAIMED_PORTS[port] = fd
     return True
 
 
