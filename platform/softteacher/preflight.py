@@ -84,9 +84,9 @@ def choose_dashboard_port(requested: int | None, default: int = DASHBOARD_PORT) 
     taken port with a traceback, after the cluster's other processes started).
 
     A port counts as taken while another command of ours has claimed it: a cluster binds
-    its dashboard 10-60 s after its command chose the port (longer on a busy machine), so a
-    second command started in that window found it free and Ray then failed to bind it.
-    The claim lasts as long as this process."""
+    its dashboard some seconds after its command chose the port (over 10 s on a busy 2-core
+    machine), so a second command started in that window found it free and Ray then failed
+    to bind it. The claim lasts as long as this process."""
     if requested is not None:
         if not _port_is_free(requested) or not _claim(requested):
             raise UsageError(

@@ -138,8 +138,8 @@ def _preset_cpu() -> ExperimentConfig:
       1-2, seed 0, one branch point each; supervised 14.40 / 14.18);
     - the student's unlabeled views in a backbone pass of their own (``student_forward``):
       this detector's BatchNorm trains, and statistics shared with the strong views cost
-      Soft Teacher 0.9 mAP by step 1350 at 10% and 5% (10 and 6 fold-seed pairs, outside
-      the noise) and 0.4 at step 750 (README "Levers").
+      Soft Teacher 0.9 and 0.7 mAP by step 1350 at 10% and 5% (10 fold-seed pairs each,
+      outside the noise), 0.4 at 10% at step 750, nothing at 1% (README "Levers").
     """
     burn_in = 600
     return _preset_bench().replace(
