@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from softteacher.bench.curve import curve
-from softteacher.bench.platform_cost import platform, stream
+from softteacher.bench.platform_cost import PlatformOptions, platform, stream
 from softteacher.bench.prepare import BenchTable
 from softteacher.bench.step import StepOptions, profile, speed
 from softteacher.track.render import markdown_table
@@ -65,7 +65,13 @@ def _parser() -> argparse.ArgumentParser:
             help="method.kernels to compare: auto (the Triton kernels on CUDA), reference",
         )
     sub.add_parser("stream", help=stream.__doc__).add_argument("--rows", type=int, default=320)
-    sub.add_parser("platform", help=platform.__doc__).add_argument("--steps", type=int, default=60)
+    platform_ = sub.add_parser("platform", help=platform.__doc__)
+    platform_.add_argument("--steps", type=int, default=60)
+    platform_.add_argument(
+        "--threads", type=int, default=2, help="torch threads a loop (1: a make-sweep trial's)"
+    )
+    platform_.add_argument("--repeats", type=int, default=3, help="each loop this many times")
+    platform_.add_argument("--preset", default="cpu")
     curve_ = sub.add_parser("curve", help=curve.__doc__)
     curve_.add_argument("--percents", default="1,10,100")
     curve_.add_argument("--steps", type=int, default=600)
@@ -92,7 +98,15 @@ def _measure(args: argparse.Namespace) -> BenchTable:
     if args.command == "stream":
         return stream(args.data_dir, args.rows)
     if args.command == "platform":
-        return platform(args.data_dir, args.steps)
+        return platform(
+            PlatformOptions(
+                data_dir=args.data_dir,
+                steps=args.steps,
+                threads=args.threads,
+                repeats=args.repeats,
+                preset=args.preset,
+            )
+        )
     return curve(args.data_dir, tuple(float(p) for p in args.percents.split(",")), args.steps)
 
 

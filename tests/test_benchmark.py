@@ -43,3 +43,55 @@ def test_profile_and_speed_write_their_tables_from_a_trained_teacher(tmp_path):
     ]
     assert all(len(r["images_per_s_all"]) == 2 for r in speed["results"])
     assert all(r["images_per_s"] > 0 for r in speed["results"])
+
+
+def test_platform_times_the_three_loops_and_writes_their_table(tmp_path, monkeypatch):
+    """On the cluster the benchmark starts (as a sweep does), the Ray Train loop runs
+    without the preemption watcher, which has nothing to watch on a cluster of one's own."""
+    import benchmark
+    import ray
+    from ray.util.state import list_actors
+
+    from softteacher.bench.platform_cost import LOOPS
+
+    if ray.is_initialized():  # the tests' shared cluster: this test needs a sweep's own
+        ray.shutdown()
+    shutdown = ray.shutdown
+    monkeypatch.setattr(ray, "shutdown", lambda: None)  # kept up to list its actors
+    try:
+        benchmark.main(
+            ["--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")]
+            + ["platform", "--preset", "smoke", "--steps", "3", "--repeats", "1"]
+            + ["--threads", "1"]
+        )
+        started = {actor.class_name for actor in list_actors(limit=10_000)}
+    finally:
+        shutdown()
+
+    assert "TrainController" in started and "PreemptionWatcher" not in started
+    payload = json.loads((tmp_path / "results" / "benchmark_platform.json").read_text())
+    results = payload["results"]
+    assert [r["loop"] for r in results] == list(LOOPS)
+    assert all(r["images_per_s"] > 0 and len(r["wall_s_all"]) == 1 for r in results)
+    assert results[0]["speed_ratio"] == 1.0 and results[0]["extra_fixed_s"] == 0.0
+    assert payload["command"]["threads"] == 1
+
+
+def test_the_cost_table_takes_medians_over_repeats_against_the_single_process():
+    from softteacher.bench.platform_cost import IN_PROCESS, RAY_TRAIN, SINGLE_PROCESS, _cost_table
+
+    images = 100  # a loop at 10 images/s and 15 s of wall spends 5 s outside the steps
+    measured = {
+        SINGLE_PROCESS: [(10.0, 15.0), (10.0, 14.0), (10.0, 16.0)],
+        IN_PROCESS: [(9.0, 30.0), (8.0, 20.0), (10.0, 40.0)],  # median 9/s, fixed ~18.9 s
+        RAY_TRAIN: [(5.0, 50.0), (5.0, 50.0), (5.0, 50.0)],
+    }
+    _, rows, records = _cost_table(measured, images)
+
+    by_loop = {r["loop"]: r for r in records}
+    assert by_loop[SINGLE_PROCESS]["fixed_s"] == pytest.approx(5.0)
+    assert by_loop[IN_PROCESS]["speed_ratio"] == pytest.approx(0.9)
+    assert by_loop[IN_PROCESS]["fixed_s"] == pytest.approx(30.0 - 100 / 9)
+    assert by_loop[IN_PROCESS]["fixed_s_all"] == pytest.approx([30 - 100 / 9, 7.5, 30.0])
+    assert by_loop[RAY_TRAIN]["extra_fixed_s"] == pytest.approx(25.0)
+    assert rows[1][1] == "9.00 (8.00-10.00)"

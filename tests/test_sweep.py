@@ -420,6 +420,35 @@ def test_without_an_address_a_sweep_starts_a_cluster_of_its_own(monkeypatch, cap
     assert capsys.readouterr().out.startswith("warning: --dashboard-host 0.0.0.0: the dashboard")
 
 
+def test_a_cluster_of_the_sweeps_own_runs_train_without_the_preemption_watcher(monkeypatch):
+    """Every Ray process of a sweep polls its Train workers every 0.5 s; on a cluster of the
+    sweep's own (no node to drain) Ray Train starts no preemption watcher, on a joined one
+    it does; a value the user set in the environment wins."""
+    import ray
+
+    from softteacher.tune import cluster
+
+    calls: list[dict] = []
+    for key in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
+        monkeypatch.setenv(key, "")  # unset, and restored after the test
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    cluster.start_or_join(num_cpus=2)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    cluster.start_or_join(num_cpus=2)
+    cluster.start_or_join(address="auto")
+
+    kept, local, joined = (call["runtime_env"]["env_vars"] for call in calls)
+    assert kept["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"  # the user's
+    assert local["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in joined
+    assert local["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert joined["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"  # the trial's own runs
+
+
 def test_both_sweep_commands_read_the_shared_options_alike(tmp_path):
     import ablations
     import fold_sweep

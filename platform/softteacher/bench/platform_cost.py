@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -14,6 +15,8 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from softteacher.bench.prepare import BenchTable, fold_shards, synthetic_fold
+from softteacher.config import ExperimentConfig
+from softteacher.data.protocol import FoldData
 from softteacher.data.ray_stream import RayRowStream
 from softteacher.data.rows import StreamPlan
 from softteacher.names import IMAGES_PER_S
@@ -25,6 +28,9 @@ from softteacher.track.mlflow_runs import start_parent_run
 from softteacher.tune.cluster import start_or_join
 
 SINGLE_PROCESS = "single process, no Ray"
+IN_PROCESS = "in process (--workers 0), Ray Data"
+RAY_TRAIN = "Ray Train, 1 worker, Ray Data"
+LOOPS = (SINGLE_PROCESS, IN_PROCESS, RAY_TRAIN)
 
 
 def stream(data_dir: Path, rows_per_stream: int) -> BenchTable:
@@ -71,13 +77,62 @@ def _steady(values: list[float]) -> float:
     return statistics.median(values[1:] if len(values) > 1 else values)
 
 
-def platform(data_dir: Path, steps: int) -> BenchTable:
-    """The full Soft Teacher loop three ways: steady images/s, wall and fixed cost a run."""
-    cfg = preset("cpu").replace(
+@dataclass(frozen=True, kw_only=True)
+class PlatformOptions:
+    """What ``platform`` runs: ``steps`` Soft Teacher steps of ``preset`` a loop, each loop
+    at ``threads`` torch threads (1 is a ``make sweep`` trial's, 2 the machine), the three
+    loops one after the other ``repeats`` times (this machine's speed drifts between runs
+    more than the loops differ, so one run of each is no comparison)."""
+
+    data_dir: Path
+    steps: int = 60
+    threads: int = 2
+    repeats: int = 3
+    preset: str = "cpu"
+
+
+def platform(options: PlatformOptions) -> BenchTable:
+    """The full Soft Teacher loop three ways: steady images/s, wall and fixed cost a run,
+    medians over the repeats."""
+    cfg = preset(options.preset).replace(
         method={"burn_in_steps": 0, "unsup_weight_ramp_steps": 0},
-        train={"max_steps": steps, "log_every": 10, "eval_every": 10**9, "ckpt_every": 10**9},
+        train={
+            "max_steps": options.steps,
+            "log_every": 10,
+            "eval_every": 10**9,
+            "ckpt_every": 10**9,
+            "num_threads": options.threads,
+        },
     )
-    fold = synthetic_fold(cfg, data_dir)
+    fold = synthetic_fold(cfg, options.data_dir)
+    shards = fold_shards(fold, options.data_dir)
+    measured: dict[str, list[tuple[float, float]]] = {label: [] for label in LOOPS}
+    with tempfile.TemporaryDirectory() as workdir:
+        for repeat in range(options.repeats):
+            measured[SINGLE_PROCESS].append(_single_process(cfg, fold, options.data_dir))
+            start_or_join()  # after the single process: no idle cluster beside it
+            for label, workers in ((IN_PROCESS, 0), (RAY_TRAIN, 1)):
+                uri = f"sqlite:///{Path(workdir) / 'mlflow.db'}"
+                spec = RunSpec(
+                    cfg,
+                    fold,
+                    *shards,
+                    name=f"benchmark-{workers}-{repeat}",
+                    storage_path=str(Path(workdir) / "train"),
+                    resources=WorkerResources(
+                        num_workers=workers, cpus_per_worker=float(options.threads)
+                    ),
+                    tracking=start_parent_run(uri, "benchmark", f"{label} {repeat}", {}),
+                )
+                measured[label].append(_ray_loop(spec))
+            ray.shutdown()
+            latest = ", ".join(f"{label} {runs[-1][0]:.2f}" for label, runs in measured.items())
+            print(f"repeat {repeat + 1} of {options.repeats}, images/s: {latest}", flush=True)
+    return _cost_table(measured, options.steps * cfg.train.images_per_step)
+
+
+def _single_process(cfg: ExperimentConfig, fold: FoldData, data_dir: Path) -> tuple[float, float]:
+    """The loop without Ray: (steady images/s, wall s)."""
     speeds: list[float] = []
     start = time.perf_counter()
     run_single_process(
@@ -86,71 +141,64 @@ def platform(data_dir: Path, steps: int) -> BenchTable:
         shard_dir=data_dir / "shards",
         log=lambda step, m: speeds.append(m[IMAGES_PER_S]) if IMAGES_PER_S in m else None,
     )
-    measured = {SINGLE_PROCESS: (_steady(speeds), time.perf_counter() - start)}
-    labeled, unlabeled = fold_shards(fold, data_dir)
-    start_or_join()
-    with tempfile.TemporaryDirectory() as workdir:
-        for label, workers in (
-            ("in process (--workers 0), Ray Data", 0),
-            ("Ray Train, 1 worker, Ray Data", 1),
-        ):
-            uri = f"sqlite:///{Path(workdir) / 'mlflow.db'}"
-            tracking = start_parent_run(uri, "benchmark", label, {})
-            spec = RunSpec(
-                cfg,
-                fold,
-                labeled,
-                unlabeled,
-                name=f"benchmark-{workers}",
-                storage_path=str(Path(workdir) / "train"),
-                resources=WorkerResources(num_workers=workers, cpus_per_worker=2.0),
-                tracking=tracking,
-            )
-            start = time.perf_counter()
-            run(spec)
-            wall = time.perf_counter() - start
-            history = MlflowClient(uri).get_metric_history(tracking.run_id, IMAGES_PER_S)
-            steady = _steady([m.value for m in sorted(history, key=lambda m: m.step)])
-            measured[label] = (steady, wall)
-    ray.shutdown()
-    return _cost_table(measured, steps * cfg.train.images_per_step)
+    return _steady(speeds), time.perf_counter() - start
 
 
-def _cost_table(measured: dict[str, tuple[float, float]], images: int) -> BenchTable:
-    """Each loop's (steady images/s, wall s) against the single process: the fixed cost is
-    the wall time the steady speed does not account for."""
-    base_speed, base_wall = measured[SINGLE_PROCESS]
-    base_fixed = base_wall - images / base_speed
+def _ray_loop(spec: RunSpec) -> tuple[float, float]:
+    """The run of ``spec`` (in process or under Ray Train): (steady images/s from its
+    MLflow run, wall s)."""
+    start = time.perf_counter()
+    run(spec)
+    wall = time.perf_counter() - start
+    history = MlflowClient(spec.tracking.tracking_uri).get_metric_history(
+        spec.tracking.run_id, IMAGES_PER_S
+    )
+    return _steady([m.value for m in sorted(history, key=lambda m: m.step)]), wall
+
+
+def _cost_table(measured: dict[str, list[tuple[float, float]]], images: int) -> BenchTable:
+    """Each loop's median steady images/s and fixed cost against the single process's,
+    with the range over the repeats: the fixed cost is the wall time the steady speed
+    does not account for."""
+
+    def fixed(run: tuple[float, float]) -> float:
+        speed_, wall = run
+        return wall - images / speed_
+
+    base_speed = statistics.median(speed_ for speed_, _ in measured[SINGLE_PROCESS])
+    base_fixed = statistics.median(map(fixed, measured[SINGLE_PROCESS]))
     rows, records = [], []
-    for label, (speed_, wall) in measured.items():
-        fixed = wall - images / speed_
+    for label, runs in measured.items():
+        speeds = [speed_ for speed_, _ in runs]
+        fixes = [fixed(one) for one in runs]
+        speed_, fixed_s = statistics.median(speeds), statistics.median(fixes)
         records.append(
             {
                 "loop": label,
                 "images_per_s": speed_,
-                "wall_s": wall,
-                "fixed_s": fixed,
+                "images_per_s_all": speeds,
+                "wall_s_all": [wall for _, wall in runs],
+                "fixed_s": fixed_s,
+                "fixed_s_all": fixes,
                 "speed_ratio": speed_ / base_speed,
-                "extra_fixed_s": fixed - base_fixed,
+                "extra_fixed_s": fixed_s - base_fixed,
             }
         )
         rows.append(
             [
                 label,
-                f"{speed_:.2f}",
+                f"{speed_:.2f} ({min(speeds):.2f}-{max(speeds):.2f})",
                 f"{speed_ / base_speed:.2f}",
-                f"{wall:.1f}",
-                f"{fixed:.1f}",
-                f"{fixed - base_fixed:+.1f}",
+                f"{fixed_s:.1f} ({min(fixes):.1f}-{max(fixes):.1f})",
+                f"{fixed_s - base_fixed:+.1f}",
             ]
         )
         print(" | ".join(rows[-1]), flush=True)
     header = [
         "loop",
-        "steady images/s",
+        "steady images/s, median (range)",
         "x single process",
-        "wall s",
-        "fixed s",
+        "fixed s, median (range)",
         "fixed s beyond single process",
     ]
     return header, rows, records
