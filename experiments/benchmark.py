@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     platform_ = sub.add_parser("platform", help=platform.__doc__)
     platform_.add_argument("--steps", type=int, default=60)
     platform_.add_argument(
-        "--threads", type=int, default=2, help="torch threads a loop (1: a make-sweep trial's)"
+        "--threads", type=int, default=1, help="torch threads a loop (1: a make-sweep trial's)"
     )
     platform_.add_argument("--repeats", type=int, default=3, help="each loop this many times")
     platform_.add_argument("--preset", default="cpu")

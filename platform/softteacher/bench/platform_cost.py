@@ -86,7 +86,7 @@ class PlatformOptions:
 
     data_dir: Path
     steps: int = 60
-    threads: int = 2
+    threads: int = 1
     repeats: int = 3
     preset: str = "cpu"
 
