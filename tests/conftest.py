@@ -28,6 +28,7 @@ import ray  # noqa: E402
 from softteacher.data.protocol import FoldData, synthetic_folds  # noqa: E402
 from softteacher.data.shards import ShardSet, write_shards  # noqa: E402
 from softteacher.presets import preset  # noqa: E402
+from softteacher.tune.cluster import sweep_env  # noqa: E402
 
 RAY_TEST_CPUS = 4
 GRACE_S = 5  # for a head node's processes to stop on SIGTERM
@@ -68,6 +69,9 @@ def ray_cluster(_ray_session) -> None:
         # smoke trials last seconds: MLflow's system metrics sample every second, as in the
         # sweep commands the tests start (test_sweep._sweep_env); the workers inherit it
         os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+        # Ray Train as a sweep's own cluster runs it (its controller reads these from the
+        # driver's environment): workers polled every 0.5 s, no preemption watcher
+        os.environ.update(sweep_env(joins=False))
         ray.init(
             num_cpus=RAY_TEST_CPUS,
             include_dashboard=False,

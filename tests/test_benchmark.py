@@ -64,7 +64,8 @@ def test_platform_times_the_three_loops_and_writes_their_table(tmp_path, monkeyp
             + ["platform", "--preset", "smoke", "--steps", "3", "--repeats", "1"]
             + ["--threads", "1"]
         )
-        started = {actor.class_name for actor in list_actors(limit=10_000)}
+        address = ray.get_runtime_context().gcs_address  # not the other test process's
+        started = {a.class_name for a in list_actors(address=address, limit=10_000)}
     finally:
         shutdown()
 
