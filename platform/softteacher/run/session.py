@@ -7,7 +7,7 @@ the same on the same storage folder: checkpoints ``checkpoint_<step>`` beside th
 point, the newest ``keep`` of them kept, the run resumed from the newest, each report
 handed to the run's callbacks as Ray Train's controller would. Ray Train's own local mode
 keeps checkpoints only in memory and calls no callback, so it cannot resume a run or feed a
-Tune trial; a single-worker trial run in process keeps every feature and saves the 25 s a
+Tune trial; a single-worker trial run in process keeps every feature and saves the 26 s a
 trial that starting Ray Train's controller, helper actors and worker group costs on 2 cores
 (29 s beyond a run without Ray, against 3.5 s in process: README, "Platform overhead").
 """

@@ -133,7 +133,7 @@ def default_preset_and_resources(
     preset and one GPU (and one CPU) a worker; without, the cpu preset and one core a
     worker, so that a 2-core machine trains two trials at once (measured: two 1-thread
     trainings give 1.36x the images/s of one 2-thread training at the cpu preset's size),
-    each trial's one worker in the trial's own process (Ray Train's start costs 25 s a
+    each trial's one worker in the trial's own process (Ray Train's start costs 26 s a
     trial more on 2 cores; a GPU trial gets a ``TorchTrainer`` worker)."""
     gpu = torch.cuda.is_available()
     if workers is None:
