@@ -108,11 +108,11 @@ def platform(options: PlatformOptions) -> BenchTable:
     shards = fold_shards(fold, options.data_dir)
     measured: dict[str, list[tuple[float, float]]] = {label: [] for label in LOOPS}
     with tempfile.TemporaryDirectory() as workdir:
+        uri = f"sqlite:///{Path(workdir) / 'mlflow.db'}"
         for repeat in range(options.repeats):
             measured[SINGLE_PROCESS].append(_single_process(cfg, fold, options.data_dir))
             start_or_join()  # after the single process: no idle cluster beside it
             for label, workers in ((IN_PROCESS, 0), (RAY_TRAIN, 1)):
-                uri = f"sqlite:///{Path(workdir) / 'mlflow.db'}"
                 spec = RunSpec(
                     cfg,
                     fold,
