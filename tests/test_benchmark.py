@@ -74,7 +74,6 @@ def test_platform_times_the_three_loops_and_writes_their_table(tmp_path, monkeyp
     results = payload["results"]
     assert [r["loop"] for r in results] == list(LOOPS)
     assert all(r["images_per_s"] > 0 and len(r["wall_s_all"]) == 1 for r in results)
-    assert results[0]["speed_ratio"] == 1.0 and results[0]["extra_fixed_s"] == 0.0
     assert payload["command"]["threads"] == 1
 
 

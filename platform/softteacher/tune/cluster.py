@@ -20,7 +20,8 @@ WORKER_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     # Ray Train's controller checks on its workers every 2 s by default and takes a few
     # checks to see them finish and stop them: 4.9-5.0 s from the train function's return
-    # to fit()'s on 2 cores, 1.0-1.2 s at 0.5 s (README, "Platform overhead")
+    # to fit()'s on 2 cores, 1.0-1.2 s at 0.5 s with the preemption watcher off too (the
+    # two not measured apart; README, "Platform overhead")
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 # A cluster of the sweep's own is this machine, none of whose nodes is drained or
