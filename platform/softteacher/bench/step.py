@@ -51,6 +51,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def speed_cases(options: StepOptions) -> list[tuple[str, int, str, str, str]]:
+    """(detector, size, amp, kernels, method) for each row of ``speed``, in its order; the
+    supervised step uses no kernel, so it is timed with the first ``kernels`` only."""
+    o = options
+    grid = itertools.product(o.detectors, o.sizes, o.amp, o.kernels, METHODS)
+    return [case for case in grid if case[-1] != "supervised" or case[3] == o.kernels[0]]
+
+
 def speed(options: StepOptions) -> BenchTable:
     """images/s of each method a step at equal images a step, median over repeats."""
     init = _teacher(options)
@@ -68,58 +76,54 @@ def speed(options: StepOptions) -> BenchTable:
         "CUDA max MiB",
     ]
     rows, records = [], []
-    for detector in options.detectors:
-        grid = itertools.product(options.sizes, options.amp, options.kernels, METHODS)
-        for size, amp, kernels, method in grid:
-            if method == "supervised" and kernels != options.kernels[0]:
-                continue
-            cfg = step_config(detector, size, method, options.preset, amp, kernels)
-            prepared = PreparedSteps(cfg, init, options.data_dir)
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            for _ in range(options.warmup):
+    for detector, size, amp, kernels, method in speed_cases(options):
+        cfg = step_config(detector, size, method, options.preset, amp, kernels)
+        prepared = PreparedSteps(cfg, init, options.data_dir)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(options.warmup):
+            prepared.step()
+        speeds = []
+        for _ in range(options.repeats):
+            _sync()
+            start = time.perf_counter()
+            for _ in range(options.steps):
                 prepared.step()
-            speeds = []
-            for _ in range(options.repeats):
-                _sync()
-                start = time.perf_counter()
-                for _ in range(options.steps):
-                    prepared.step()
-                _sync()
-                speeds.append(options.steps * prepared.images / (time.perf_counter() - start))
-            timed = prepared.candidates[options.warmup :]
-            record = {
-                "detector": detector,
-                "size": size,
-                "amp": amp,
-                "kernels": kernels,
-                "method": method,
-                "images_per_step": prepared.images,
-                "images_per_s": statistics.median(speeds),
-                "images_per_s_all": speeds,
-                "candidates_per_image": sum(timed) / len(timed),
-                "rss_mib": psutil.Process().memory_info().rss / 2**20,
-                "cuda_max_mib": (
-                    torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-                ),
-            }
-            records.append(record)
-            rows.append(
-                [
-                    detector,
-                    str(size),
-                    amp,
-                    kernels,
-                    method,
-                    str(prepared.images),
-                    f"{record['images_per_s']:.2f}",
-                    f"{min(speeds):.2f}-{max(speeds):.2f}",
-                    f"{record['candidates_per_image']:.1f}",
-                    f"{record['rss_mib']:.0f}",
-                    "-" if record["cuda_max_mib"] is None else f"{record['cuda_max_mib']:.0f}",
-                ]
-            )
-            print(" | ".join(rows[-1]), flush=True)
+            _sync()
+            speeds.append(options.steps * prepared.images / (time.perf_counter() - start))
+        timed = prepared.candidates[options.warmup :]
+        record = {
+            "detector": detector,
+            "size": size,
+            "amp": amp,
+            "kernels": kernels,
+            "method": method,
+            "images_per_step": prepared.images,
+            "images_per_s": statistics.median(speeds),
+            "images_per_s_all": speeds,
+            "candidates_per_image": sum(timed) / len(timed),
+            "rss_mib": psutil.Process().memory_info().rss / 2**20,
+            "cuda_max_mib": (
+                torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+            ),
+        }
+        records.append(record)
+        rows.append(
+            [
+                detector,
+                str(size),
+                amp,
+                kernels,
+                method,
+                str(prepared.images),
+                f"{record['images_per_s']:.2f}",
+                f"{min(speeds):.2f}-{max(speeds):.2f}",
+                f"{record['candidates_per_image']:.1f}",
+                f"{record['rss_mib']:.0f}",
+                "-" if record["cuda_max_mib"] is None else f"{record['cuda_max_mib']:.0f}",
+            ]
+        )
+        print(" | ".join(rows[-1]), flush=True)
     return header, rows, records
 
 
