@@ -20,7 +20,7 @@ sweep: $(STAMP)
 # Two test processes: the Ray tests spend much of their time starting processes, so two
 # overlap well on 2 cores; worksteal evens out the few long end-to-end tests.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal tests
+	$(BIN)/python -m pytest -q -n 2 --dist load --maxschedchunk 1 tests
 
 # The MLflow UI and Ray dashboard in headless Chromium (apt install chromium first); the
 # screenshots land in docs/ for the README.

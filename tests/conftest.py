@@ -34,6 +34,14 @@ RAY_TEST_CPUS = 4
 GRACE_S = 5  # for a head node's processes to stop on SIGTERM
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked ``slow`` first, in their files' order: under ``--dist load`` (the
+    Makefile's) the two processes take them one at a time while the short tests fill the
+    gaps after, instead of one process ending the run alone on a two-minute test it got
+    last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @dataclass(frozen=True)
 class SmokeFold:
     """The smoke preset's 10% fold 1 and its shards, made once a session."""

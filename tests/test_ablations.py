@@ -268,6 +268,7 @@ def test_sweep_table_keeps_indicator_and_jitter_rows_apart():
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_multi_stage_row_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
     """Both stages (in process, the CPU default) and the labeling pass (a Ray task on the
     loopback cluster), the table files, and the MLflow runs (the fold sweep's test covers

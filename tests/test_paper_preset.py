@@ -20,6 +20,7 @@ from softteacher.track.mlflow_runs import start_parent_run
 pytestmark = pytest.mark.ray
 
 
+@pytest.mark.slow
 def test_the_paper_preset_takes_a_soft_teacher_step_and_evaluates(
     ray_cluster, smoke_fold, tmp_path
 ):

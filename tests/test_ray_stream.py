@@ -30,6 +30,7 @@ def _plan(shards, kind: str, seed: int = 3, rank: int = 0, world: int = 1) -> St
     return StreamPlan(kind, shards.num_rows, seed, rank, world)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "actors"), [("labeled", (1, 1)), ("unlabeled", (2, 2))])
 def test_ray_rows_are_the_in_process_rows_for_any_number_of_actors(
     ray_cluster, smoke_fold, kind, actors
@@ -194,6 +195,7 @@ def test_an_undecodable_image_surfaces_with_its_file_name(ray_cluster, smoke_fol
             stream.take(8)
 
 
+@pytest.mark.slow
 def test_each_of_two_workers_gets_exactly_1_labeled_and_4_unlabeled_a_step(
     ray_cluster, smoke_fold, tmp_path
 ):

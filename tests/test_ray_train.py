@@ -160,6 +160,7 @@ def _kill_the_train_worker_after(step: int, tracking: RunRef, done: threading.Ev
     return killed
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_on_ray_train_on_a_busy_machine_after_a_killed_worker(
     reference, smoke_fold, tmp_path
 ):
@@ -191,6 +192,7 @@ def test_same_seed_same_run_on_ray_train_on_a_busy_machine_after_a_killed_worker
     assert _comparable(result.metrics) == reference.metrics
 
 
+@pytest.mark.slow
 def test_two_workers_spread_over_two_nodes(smoke_fold, tmp_path):
     if ray.is_initialized():
         ray.shutdown()  # this test needs a cluster of its own; the next Ray test restarts one

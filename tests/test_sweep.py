@@ -121,6 +121,7 @@ def _listening_on(port: int, timeout_s: float = 30.0) -> set[str]:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
     ray_cluster, tmp_path, monkeypatch, capsys
 ):
@@ -259,6 +260,7 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
         assert child.data.params["train.max_steps"] == str(preset("smoke").train.max_steps)
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_sweep_and_its_runs_killed_with_one_message(tmp_path):
     """A shared burn-in's two trials started side by side, the Soft Teacher one waiting for
     the supervised one's branch point, then training; Ctrl-C at its first evaluation: exit
