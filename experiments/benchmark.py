@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     platform_.add_argument("--repeats", type=int, default=3, help="each loop this many times")
     platform_.add_argument("--preset", default="cpu")
+    platform_.add_argument(
+        "--train-workers", default="1,2", help="Ray Train worker counts to time, e.g. 1,2"
+    )
     curve_ = sub.add_parser("curve", help=curve.__doc__)
     curve_.add_argument("--percents", default="1,10,100")
     curve_.add_argument("--steps", type=int, default=600)
@@ -105,6 +108,7 @@ def _measure(args: argparse.Namespace) -> BenchTable:
                 threads=args.threads,
                 repeats=args.repeats,
                 preset=args.preset,
+                train_workers=tuple(int(n) for n in args.train_workers.split(",")),
             )
         )
     return curve(args.data_dir, tuple(float(p) for p in args.percents.split(",")), args.steps)

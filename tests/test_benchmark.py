@@ -71,7 +71,7 @@ def test_platform_times_the_three_loops_and_writes_their_table(tmp_path, monkeyp
     import ray
     from ray.util.state import list_actors
 
-    from softteacher.bench.platform_cost import LOOPS
+    from softteacher.bench.platform_cost import IN_PROCESS, SINGLE_PROCESS, ray_train_loop
 
     if ray.is_initialized():  # the tests' shared cluster: this test needs a sweep's own
         ray.shutdown()
@@ -81,7 +81,7 @@ def test_platform_times_the_three_loops_and_writes_their_table(tmp_path, monkeyp
         benchmark.main(
             ["--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")]
             + ["platform", "--preset", "smoke", "--steps", "3", "--repeats", "1"]
-            + ["--threads", "1"]
+            + ["--threads", "1", "--train-workers", "1"]  # two workers: the same code
         )
         address = ray.get_runtime_context().gcs_address  # not the other test process's
         started = {a.class_name for a in list_actors(address=address, limit=10_000)}
@@ -91,20 +91,27 @@ def test_platform_times_the_three_loops_and_writes_their_table(tmp_path, monkeyp
     assert "TrainController" in started and "PreemptionWatcher" not in started
     payload = json.loads((tmp_path / "results" / "benchmark_platform.json").read_text())
     results = payload["results"]
-    assert [r["loop"] for r in results] == list(LOOPS)
+    assert [r["loop"] for r in results] == [SINGLE_PROCESS, IN_PROCESS, ray_train_loop(1)]
     assert all(r["images_per_s"] > 0 and len(r["wall_s_all"]) == 1 for r in results)
     assert payload["command"]["threads"] == 1
 
 
 def test_the_cost_table_takes_medians_over_repeats_against_the_single_process():
-    from softteacher.bench.platform_cost import IN_PROCESS, RAY_TRAIN, SINGLE_PROCESS, _cost_table
+    from softteacher.bench.platform_cost import (
+        IN_PROCESS,
+        SINGLE_PROCESS,
+        _cost_table,
+        ray_train_loop,
+    )
 
-    images = 100  # a loop at 10 images/s and 15 s of wall spends 5 s outside the steps
-    measured = {
+    one, two = ray_train_loop(1), ray_train_loop(2)
+    measured = {  # a loop at 10 images/s and 15 s of wall spends 5 s outside the steps
         SINGLE_PROCESS: [(10.0, 15.0), (10.0, 14.0), (10.0, 16.0)],
         IN_PROCESS: [(9.0, 30.0), (8.0, 20.0), (10.0, 40.0)],  # median 9/s, fixed ~18.9 s
-        RAY_TRAIN: [(5.0, 50.0), (5.0, 50.0), (5.0, 50.0)],
+        one: [(5.0, 50.0), (5.0, 50.0), (5.0, 50.0)],
+        two: [(16.0, 40.0), (16.0, 40.0), (16.0, 40.0)],  # 200 images: 12.5 s of steps
     }
+    images = {SINGLE_PROCESS: 100, IN_PROCESS: 100, one: 100, two: 200}
     _, rows, records = _cost_table(measured, images)
 
     by_loop = {r["loop"]: r for r in records}
@@ -112,5 +119,7 @@ def test_the_cost_table_takes_medians_over_repeats_against_the_single_process():
     assert by_loop[IN_PROCESS]["speed_ratio"] == pytest.approx(0.9)
     assert by_loop[IN_PROCESS]["fixed_s"] == pytest.approx(30.0 - 100 / 9)
     assert by_loop[IN_PROCESS]["fixed_s_all"] == pytest.approx([30 - 100 / 9, 7.5, 30.0])
-    assert by_loop[RAY_TRAIN]["extra_fixed_s"] == pytest.approx(25.0)
+    assert by_loop[one]["extra_fixed_s"] == pytest.approx(25.0)
+    assert by_loop[two]["speed_ratio"] == pytest.approx(1.6)
+    assert by_loop[two]["fixed_s"] == pytest.approx(27.5)
     assert rows[1][1] == "9.00 (8.00-10.00)"

@@ -29,8 +29,12 @@ from softteacher.tune.cluster import start_or_join
 
 SINGLE_PROCESS = "single process, no Ray"
 IN_PROCESS = "in process (--workers 0), Ray Data"
-RAY_TRAIN = "Ray Train, 1 worker, Ray Data"
-LOOPS = (SINGLE_PROCESS, IN_PROCESS, RAY_TRAIN)
+
+
+def ray_train_loop(workers: int) -> str:
+    """The table's name of the loop under Ray Train with ``workers`` workers."""
+    return f"Ray Train, {workers} worker{'s' if workers > 1 else ''}, Ray Data"
+
 
 
 def stream(data_dir: Path, rows_per_stream: int) -> BenchTable:
@@ -80,20 +84,27 @@ def _steady(values: list[float]) -> float:
 @dataclass(frozen=True, kw_only=True)
 class PlatformOptions:
     """What ``platform`` runs: ``steps`` Soft Teacher steps of ``preset`` a loop, each loop
-    at ``threads`` torch threads (1 is a ``make sweep`` trial's, 2 the machine), the three
-    loops one after the other ``repeats`` times (this machine's speed drifts between runs
-    more than the loops differ, so one run of each is no comparison)."""
+    at ``threads`` torch threads a worker (1 is a ``make sweep`` trial's, 2 the machine),
+    the loops one after the other ``repeats`` times (this machine's speed drifts between
+    runs more than the loops differ, so one run of each is no comparison). Ray Train runs
+    with each of ``train_workers``: every worker takes a step's batch of its own rows (data
+    parallel), so the images a step, and the loop's images/s, count all of them."""
 
     data_dir: Path
     steps: int = 60
     threads: int = 1
     repeats: int = 3
     preset: str = "cpu"
+    train_workers: tuple[int, ...] = (1, 2)
+
+    def ray_loops(self) -> dict[str, int]:
+        """Each loop on Ray by its name, with its Ray Train workers (0: in process)."""
+        return {IN_PROCESS: 0} | {ray_train_loop(n): n for n in self.train_workers}
 
 
 def platform(options: PlatformOptions) -> BenchTable:
-    """The full Soft Teacher loop three ways: steady images/s, wall and fixed cost a run,
-    medians over the repeats."""
+    """The full Soft Teacher loop without Ray, in process and under Ray Train: steady
+    images/s, wall and fixed cost a run, medians over the repeats."""
     cfg = preset(options.preset).replace(
         method={"burn_in_steps": 0, "unsup_weight_ramp_steps": 0},
         train={
@@ -106,13 +117,15 @@ def platform(options: PlatformOptions) -> BenchTable:
     )
     fold = synthetic_fold(cfg, options.data_dir)
     shards = fold_shards(fold, options.data_dir)
-    measured: dict[str, list[tuple[float, float]]] = {label: [] for label in LOOPS}
+    ray_loops = options.ray_loops()
+    measured: dict[str, list[tuple[float, float]]] = {SINGLE_PROCESS: []}
+    measured |= {label: [] for label in ray_loops}
     with tempfile.TemporaryDirectory() as workdir:
         uri = f"sqlite:///{Path(workdir) / 'mlflow.db'}"
         for repeat in range(options.repeats):
             measured[SINGLE_PROCESS].append(_single_process(cfg, fold, options.data_dir))
             start_or_join()  # after the single process: no idle cluster beside it
-            for label, workers in ((IN_PROCESS, 0), (RAY_TRAIN, 1)):
+            for label, workers in ray_loops.items():
                 spec = RunSpec(
                     cfg,
                     fold,
@@ -128,7 +141,9 @@ def platform(options: PlatformOptions) -> BenchTable:
             ray.shutdown()
             latest = ", ".join(f"{label} {runs[-1][0]:.2f}" for label, runs in measured.items())
             print(f"repeat {repeat + 1} of {options.repeats}, images/s: {latest}", flush=True)
-    return _cost_table(measured, options.steps * cfg.train.images_per_step)
+    images = options.steps * cfg.train.images_per_step  # a worker's
+    trained = {SINGLE_PROCESS: images} | {k: images * max(n, 1) for k, n in ray_loops.items()}
+    return _cost_table(measured, trained)
 
 
 def _single_process(cfg: ExperimentConfig, fold: FoldData, data_dir: Path) -> tuple[float, float]:
@@ -145,32 +160,35 @@ def _single_process(cfg: ExperimentConfig, fold: FoldData, data_dir: Path) -> tu
 
 
 def _ray_loop(spec: RunSpec) -> tuple[float, float]:
-    """The run of ``spec`` (in process or under Ray Train): (steady images/s from its
-    MLflow run, wall s)."""
+    """The run of ``spec`` (in process or under Ray Train): (steady images/s of all its
+    workers, from rank 0's in its MLflow run: the workers step together, wall s)."""
     start = time.perf_counter()
     run(spec)
     wall = time.perf_counter() - start
     history = MlflowClient(spec.tracking.tracking_uri).get_metric_history(
         spec.tracking.run_id, IMAGES_PER_S
     )
-    return _steady([m.value for m in sorted(history, key=lambda m: m.step)]), wall
+    workers = max(spec.resources.num_workers, 1)
+    return workers * _steady([m.value for m in sorted(history, key=lambda m: m.step)]), wall
 
 
-def _cost_table(measured: dict[str, list[tuple[float, float]]], images: int) -> BenchTable:
+def _cost_table(
+    measured: dict[str, list[tuple[float, float]]], images: dict[str, int]
+) -> BenchTable:
     """Each loop's median steady images/s and fixed cost against the single process's,
     with the range over the repeats: the fixed cost is the wall time the steady speed
-    does not account for."""
+    does not account for (each loop trains ``images[loop]`` images)."""
 
-    def fixed(run: tuple[float, float]) -> float:
+    def fixed(label: str, run: tuple[float, float]) -> float:
         speed_, wall = run
-        return wall - images / speed_
+        return wall - images[label] / speed_
 
     base_speed = statistics.median(speed_ for speed_, _ in measured[SINGLE_PROCESS])
-    base_fixed = statistics.median(map(fixed, measured[SINGLE_PROCESS]))
+    base_fixed = statistics.median(fixed(SINGLE_PROCESS, one) for one in measured[SINGLE_PROCESS])
     rows, records = [], []
     for label, runs in measured.items():
         speeds = [speed_ for speed_, _ in runs]
-        fixes = [fixed(one) for one in runs]
+        fixes = [fixed(label, one) for one in runs]
         speed_, fixed_s = statistics.median(speeds), statistics.median(fixes)
         records.append(
             {
