@@ -18,7 +18,8 @@ sweep: $(STAMP)
 	$(BIN)/python experiments/fold_sweep.py $(SWEEP_ARGS)
 
 # Two test processes: the Ray tests spend much of their time starting processes, so two
-# overlap well on 2 cores; worksteal evens out the few long end-to-end tests.
+# overlap well on 2 cores. The tests marked slow run first (tests/conftest.py), handed out
+# one at a time, so that the short ones fill the gaps and both processes end together.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist load --maxschedchunk 1 tests
 

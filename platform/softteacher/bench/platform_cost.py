@@ -36,7 +36,6 @@ def ray_train_loop(workers: int) -> str:
     return f"Ray Train, {workers} worker{'s' if workers > 1 else ''}, Ray Data"
 
 
-
 def stream(data_dir: Path, rows_per_stream: int) -> BenchTable:
     """Rows/s the Ray Data actors make for each stream, first-row latency apart."""
     cfg = preset("cpu")

@@ -54,9 +54,11 @@ def _sync() -> None:
 def speed_cases(options: StepOptions) -> list[tuple[str, int, str, str, str]]:
     """(detector, size, amp, kernels, method) for each row of ``speed``, in its order; the
     supervised step uses no kernel, so it is timed with the first ``kernels`` only."""
-    o = options
-    grid = itertools.product(o.detectors, o.sizes, o.amp, o.kernels, METHODS)
-    return [case for case in grid if case[-1] != "supervised" or case[3] == o.kernels[0]]
+    grid = itertools.product(
+        options.detectors, options.sizes, options.amp, options.kernels, METHODS
+    )
+    first_kernels = options.kernels[0]
+    return [case for case in grid if case[-1] != "supervised" or case[3] == first_kernels]
 
 
 def speed(options: StepOptions) -> BenchTable:
