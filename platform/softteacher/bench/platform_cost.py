@@ -96,9 +96,11 @@ class PlatformOptions:
     preset: str = "cpu"
     train_workers: tuple[int, ...] = (1, 2)
 
-    def ray_loops(self) -> dict[str, int]:
-        """Each loop on Ray by its name, with its Ray Train workers (0: in process)."""
-        return {IN_PROCESS: 0} | {ray_train_loop(n): n for n in self.train_workers}
+    def ray_loops(self) -> dict[str, WorkerResources]:
+        """Each loop on Ray by its name, with its workers (none: in process)."""
+        workers = {IN_PROCESS: 0} | {ray_train_loop(n): n for n in self.train_workers}
+        cpus = float(self.threads)
+        return {k: WorkerResources(num_workers=n, cpus_per_worker=cpus) for k, n in workers.items()}
 
 
 def platform(options: PlatformOptions) -> BenchTable:
@@ -124,16 +126,14 @@ def platform(options: PlatformOptions) -> BenchTable:
         for repeat in range(options.repeats):
             measured[SINGLE_PROCESS].append(_single_process(cfg, fold, options.data_dir))
             start_or_join()  # after the single process: no idle cluster beside it
-            for label, workers in ray_loops.items():
+            for label, resources in ray_loops.items():
                 spec = RunSpec(
                     cfg,
                     fold,
                     *shards,
-                    name=f"benchmark-{workers}-{repeat}",
+                    name=f"benchmark-{resources.num_workers}-{repeat}",
                     storage_path=str(Path(workdir) / "train"),
-                    resources=WorkerResources(
-                        num_workers=workers, cpus_per_worker=float(options.threads)
-                    ),
+                    resources=resources,
                     tracking=start_parent_run(uri, "benchmark", f"{label} {repeat}", {}),
                 )
                 measured[label].append(_ray_loop(spec))
@@ -141,7 +141,8 @@ def platform(options: PlatformOptions) -> BenchTable:
             latest = ", ".join(f"{label} {runs[-1][0]:.2f}" for label, runs in measured.items())
             print(f"repeat {repeat + 1} of {options.repeats}, images/s: {latest}", flush=True)
     images = options.steps * cfg.train.images_per_step  # a worker's
-    trained = {SINGLE_PROCESS: images} | {k: images * max(n, 1) for k, n in ray_loops.items()}
+    trained = {SINGLE_PROCESS: images}
+    trained |= {label: images * r.worker_count for label, r in ray_loops.items()}
     return _cost_table(measured, trained)
 
 
@@ -167,8 +168,8 @@ def _ray_loop(spec: RunSpec) -> tuple[float, float]:
     history = MlflowClient(spec.tracking.tracking_uri).get_metric_history(
         spec.tracking.run_id, IMAGES_PER_S
     )
-    workers = max(spec.resources.num_workers, 1)
-    return workers * _steady([m.value for m in sorted(history, key=lambda m: m.step)]), wall
+    per_worker = _steady([m.value for m in sorted(history, key=lambda m: m.step)])
+    return spec.resources.worker_count * per_worker, wall
 
 
 def _cost_table(
