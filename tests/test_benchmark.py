@@ -81,7 +81,7 @@ def test_platform_times_the_three_loops_and_writes_their_table(tmp_path, monkeyp
         benchmark.main(
             ["--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")]
             + ["platform", "--preset", "smoke", "--steps", "3", "--repeats", "1"]
-            + ["--threads", "1", "--train-workers", "1"]  # two workers: the same code
+            + ["--threads", "1", "--train-workers", "1"]  # two: test_the_loops_on_ray_...
         )
         address = ray.get_runtime_context().gcs_address  # not the other test process's
         started = {a.class_name for a in list_actors(address=address, limit=10_000)}
@@ -94,6 +94,18 @@ def test_platform_times_the_three_loops_and_writes_their_table(tmp_path, monkeyp
     assert [r["loop"] for r in results] == [SINGLE_PROCESS, IN_PROCESS, ray_train_loop(1)]
     assert all(r["images_per_s"] > 0 and len(r["wall_s_all"]) == 1 for r in results)
     assert payload["command"]["threads"] == 1
+
+
+def test_the_loops_on_ray_are_in_process_then_each_worker_count_at_the_threads_asked():
+    from softteacher.bench.platform_cost import IN_PROCESS, PlatformOptions, ray_train_loop
+
+    loops = PlatformOptions(data_dir=Path("unused"), threads=2, train_workers=(1, 2)).ray_loops()
+
+    assert list(loops) == [IN_PROCESS, ray_train_loop(1), ray_train_loop(2)]
+    assert [r.num_workers for r in loops.values()] == [0, 1, 2]
+    assert [r.worker_count for r in loops.values()] == [1, 1, 2]  # what the images count
+    assert {r.cpus_per_worker for r in loops.values()} == {2.0}
+    assert ray_train_loop(2) == "Ray Train, 2 workers, Ray Data"
 
 
 def test_the_cost_table_takes_medians_over_repeats_against_the_single_process():
