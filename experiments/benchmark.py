@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from softteacher.bench.curve import curve
-from softteacher.bench.platform_cost import PlatformOptions, platform, stream
 from softteacher.bench.prepare import BenchTable
 from softteacher.bench.step import StepOptions, profile, speed
 from softteacher.track.render import markdown_table
@@ -64,8 +63,11 @@ def _parser() -> argparse.ArgumentParser:
             default="auto",
             help="method.kernels to compare: auto (the Triton kernels on CUDA), reference",
         )
-    sub.add_parser("stream", help=stream.__doc__).add_argument("--rows", type=int, default=320)
-    platform_ = sub.add_parser("platform", help=platform.__doc__)
+    stream_ = sub.add_parser("stream", help="the Ray Data streams' rows/s at 1 and 2 actors")
+    stream_.add_argument("--rows", type=int, default=320)
+    platform_ = sub.add_parser(
+        "platform", help="the loop in process and under Ray Train against no Ray"
+    )
     platform_.add_argument("--steps", type=int, default=60)
     platform_.add_argument(
         "--threads", type=int, default=1, help="torch threads a loop (1: a make-sweep trial's)"
@@ -98,6 +100,10 @@ def _measure(args: argparse.Namespace) -> BenchTable:
     if args.command in ("speed", "profile"):
         options = _step_options(args)
         return speed(options) if args.command == "speed" else profile(options)
+    # Ray and MLflow only for the two benchmarks that run on them: `speed` and `profile` run
+    # where torch is all there is (the GPU check's machine, scripts/gpu_check.sh)
+    from softteacher.bench.platform_cost import PlatformOptions, platform, stream
+
     if args.command == "stream":
         return stream(args.data_dir, args.rows)
     if args.command == "platform":

@@ -78,3 +78,22 @@ def test_the_data_wait_and_each_evaluation_are_logged_with_their_seconds(monkeyp
         assert windows[step][IMAGES_PER_S] == 3 * images / (3 * (DATA_S + STEP_S))
         assert evaluations[step][EVAL_SECONDS] == EVAL_S
         assert DATA_SECONDS not in evaluations[step]
+
+
+def test_a_run_without_evaluate_is_never_scored_and_still_checkpoints_at_its_end(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    cfg = preset("smoke").replace(
+        train={"max_steps": 4, "log_every": 2, "eval_every": 2, "ckpt_every": 100}
+    )
+    logged: list[tuple[int, Metrics]] = []
+    checkpoints: list[int] = []
+    hooks = LoopHooks(
+        log=lambda step, metrics: logged.append((step, metrics)),
+        evaluate=None,
+        checkpoint=lambda trainer, metrics: checkpoints.append(trainer.step_count),
+    )
+    assert fit(_Trainer(cfg, clock), _Source(clock), hooks) == {}
+    assert [step for step, _ in logged] == [2, 4]  # the logging windows only
+    assert all(EVAL_SECONDS not in metrics for _, metrics in logged)
+    assert checkpoints[-1] == 4

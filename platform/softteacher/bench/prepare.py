@@ -67,7 +67,9 @@ def step_config(
 
 def trained_teacher(steps: int, slim_preset: str, data: Path) -> Path:
     """A slim supervised run's checkpoint (10% fold 1), trained once and kept; its folder
-    names the detector's config, so a preset whose detector changed trains a new one."""
+    names the detector's config, so a preset whose detector changed trains a new one.
+    Never evaluated: what the step benchmarks need of it is its candidates, which they
+    count, and so they run without pycocotools (the GPU check's machine)."""
     cfg = preset(slim_preset)
     detector = json.dumps(dataclasses.asdict(cfg.detector), sort_keys=True).encode()
     key = hashlib.sha256(detector).hexdigest()[:8]
@@ -76,11 +78,15 @@ def trained_teacher(steps: int, slim_preset: str, data: Path) -> Path:
         return directory
     cfg = cfg.replace(
         method={"method": "supervised"},
-        train={"max_steps": steps, "eval_every": 10**9, "ckpt_every": steps, "log_every": 50},
+        train={"max_steps": steps, "ckpt_every": steps, "log_every": 50},
     )
     print(f"training a teacher for the Soft Teacher step: {steps} supervised steps", flush=True)
     run_single_process(
-        cfg, synthetic_fold(cfg, data), shard_dir=data / "shards", checkpoint_dir=directory
+        cfg,
+        synthetic_fold(cfg, data),
+        shard_dir=data / "shards",
+        checkpoint_dir=directory,
+        evaluate=False,
     )
     return directory
 

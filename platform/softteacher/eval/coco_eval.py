@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from typing import TYPE_CHECKING
 
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from softteacher.config import AugmentConfig
 from softteacher.data.coco import CocoDataset
@@ -22,6 +21,9 @@ from softteacher.data.images import load_image
 from softteacher.data.samples import ImageRecord
 from softteacher.eval.inference import Detections, detect
 from softteacher.names import COCO_METRICS
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 
 class DetectionMismatchError(ValueError):
@@ -62,6 +64,11 @@ def coco_metrics(
     A metric pycocotools leaves undefined (-1: no ground truth in that size range among the
     images) is NaN rather than a number that would average in as a score.
     """
+    # imported where it scores: training and its benchmarks run without pycocotools (the
+    # GPU check's machine has torch and Triton but not it: scripts/gpu_check.sh)
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
     ids = [r.image_id for r in dataset.records] if image_ids is None else list(image_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         ground_truth = COCO(str(dataset.ann_file))
@@ -126,6 +133,8 @@ def _check_image_ids(detections: list[dict], ground_truth: COCO, dataset: CocoDa
 
 def _no_results(ground_truth: COCO) -> COCO:
     """An empty result set: ``loadRes([])`` raises, but COCOeval scores an empty one as 0."""
+    from pycocotools.coco import COCO
+
     results = COCO()
     results.dataset = {
         "images": list(ground_truth.dataset["images"]),

@@ -54,10 +54,12 @@ def run_single_process(
     checkpoint_dir: Path | None = None,
     log: Callable[[int, Metrics], None] = print_metrics,
     device: torch.device | None = None,
+    evaluate: bool = True,
 ) -> Metrics:
     """Train one fold to ``max_steps`` (resuming from ``checkpoint_dir`` when it holds one);
-    returns the final teacher and student COCO metrics. ``shard_dir`` caches the fold's
-    Parquet shards (by content, shared with the Ray path)."""
+    returns the final teacher and student COCO metrics (none without ``evaluate``: the
+    benchmarks' teacher is trained so, where pycocotools may be missing). ``shard_dir``
+    caches the fold's Parquet shards (by content, shared with the Ray path)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,7 +80,7 @@ def run_single_process(
 
     hooks = LoopHooks(
         log=log,
-        evaluate=lambda t: evaluate_run(t, val, unlabeled, cfg).metrics,
+        evaluate=(lambda t: evaluate_run(t, val, unlabeled, cfg).metrics) if evaluate else None,
         checkpoint=checkpoint,
     )
     with batches:

@@ -20,7 +20,8 @@ class LoopHooks:
     """Where the loop's results go: a print, MLflow, or ``ray.train.report``."""
 
     log: Callable[[int, Metrics], None]
-    evaluate: Callable[[SoftTeacherTrainer], Metrics]
+    # None: the run is never scored (a benchmark's teacher, which needs no mAP)
+    evaluate: Callable[[SoftTeacherTrainer], Metrics] | None
     checkpoint: Callable[[SoftTeacherTrainer, Metrics], None]
 
 
@@ -33,7 +34,8 @@ class StepSource(Protocol):
 
 
 def fit(trainer: SoftTeacherTrainer, source: StepSource, hooks: LoopHooks) -> Metrics:
-    """Train from the trainer's current step to ``max_steps``; return the final evaluation.
+    """Train from the trainer's current step to ``max_steps``; return the final evaluation
+    (empty where ``hooks.evaluate`` is None).
 
     Each step asks ``source`` for what ``step_batch_sizes`` says the step takes: burn-in
     steps read labeled images only, and the unlabeled stream starts after them.
@@ -67,7 +69,7 @@ def fit(trainer: SoftTeacherTrainer, source: StepSource, hooks: LoopHooks) -> Me
             window.clear()
             window_start, window_images = time.perf_counter(), 0
         paused = time.perf_counter()
-        if step % cfg.eval_every == 0 or last:
+        if hooks.evaluate is not None and (step % cfg.eval_every == 0 or last):
             evaluation = hooks.evaluate(trainer)
             hooks.log(step, evaluation | {EVAL_SECONDS: time.perf_counter() - paused})
         # the end of burn-in too: the branch point of semi-supervised runs (train.branch_from)
