@@ -220,7 +220,13 @@ def _interpreted_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     return torch.load(saved, weights_only=True)
 
 
-@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("cpu", marks=pytest.mark.interpreted),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ],
+)
 def fused(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Fused:
     pytest.importorskip("triton")
     if request.param == "cuda":
