@@ -10,7 +10,7 @@
 # image with PyTorch and Triton but neither Ray, MLflow nor pycocotools is enough (the kernel
 # tests and the step benchmarks import none of them; conftest.py, which starts Ray clusters,
 # is left out), and the project itself is installed without its dependencies into a temp
-# folder when that Python cannot import it. Each stage prints the time it ends at.
+# folder when that Python cannot import it. Each stage prints the time it starts at.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
