@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         )
     stream_ = sub.add_parser("stream", help="the Ray Data streams' rows/s at 1 and 2 actors")
     stream_.add_argument("--rows", type=int, default=320)
+    stream_.add_argument("--preset", default="cpu", help="whose sizes and augmentation")
     platform_ = sub.add_parser(
         "platform", help="the loop in process and under Ray Train against no Ray"
     )
@@ -105,7 +107,7 @@ def _measure(args: argparse.Namespace) -> BenchTable:
     from softteacher.bench.platform_cost import PlatformOptions, platform, stream
 
     if args.command == "stream":
-        return stream(args.data_dir, args.rows)
+        return stream(args.data_dir, args.rows, args.preset)
     if args.command == "platform":
         return platform(
             PlatformOptions(
@@ -121,11 +123,12 @@ def _measure(args: argparse.Namespace) -> BenchTable:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     header, rows, records = _measure(args)
     where = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     context = (
-        f"`python experiments/benchmark.py {args.command}` on {where}, "
+        f"`python experiments/benchmark.py {' '.join(argv)}` on {where}, "
         f"{torch.get_num_threads()} torch threads, {time.strftime('%Y-%m-%d')}."
     )
     table = markdown_table(header, rows)

@@ -65,6 +65,36 @@ def test_profile_and_speed_write_their_tables_from_a_trained_teacher(tmp_path):
     assert all(r["images_per_s"] > 0 for r in speed["results"])
 
 
+def test_the_stream_benchmark_augments_at_the_presets_sizes_with_one_then_two_actors(
+    tmp_path, monkeypatch
+):
+    """What ``stream --preset`` hands each pool (the pools themselves are Ray Data's, timed
+    by the command, not here)."""
+    from softteacher.bench import platform_cost
+    from softteacher.presets import preset
+
+    made = []
+
+    class Pool:
+        def __init__(self, shards, plan, augment, **options) -> None:
+            made.append((plan.stream, augment, options["concurrency"]))
+
+        def take(self, rows: int) -> None:
+            pass
+
+    monkeypatch.setattr(platform_cost, "RayRowStream", Pool)
+    monkeypatch.setattr(platform_cost, "start_or_join", lambda **options: None)
+    monkeypatch.setattr(platform_cost.ray, "shutdown", lambda: None)
+    header, rows, records = platform_cost.stream(tmp_path, 8, "smoke")
+
+    assert [(stream, actors) for stream, _, actors in made] == [
+        ("labeled", (1, 1)), ("labeled", (2, 2)), ("unlabeled", (1, 1)), ("unlabeled", (2, 2))
+    ]  # fmt: skip
+    assert all(augment == preset("smoke").augment for _, augment, _ in made)
+    assert preset("smoke").augment != preset("cpu").augment  # so the preset is the one used
+    assert [r["images_per_s"] / r["rows_per_s"] for r in records] == [1, 1, 2, 2]
+
+
 def test_speed_times_each_precision_and_kernel_choice_and_the_supervised_step_once():
     from softteacher.bench.step import StepOptions, speed_cases
 

@@ -36,9 +36,10 @@ def ray_train_loop(workers: int) -> str:
     return f"Ray Train, {workers} worker{'s' if workers > 1 else ''}, Ray Data"
 
 
-def stream(data_dir: Path, rows_per_stream: int) -> BenchTable:
-    """Rows/s the Ray Data actors make for each stream, first-row latency apart."""
-    cfg = preset("cpu")
+def stream(data_dir: Path, rows_per_stream: int, preset_name: str = "cpu") -> BenchTable:
+    """Rows/s the Ray Data actors make for each stream at a preset's image sizes and
+    augmentation, first-row latency apart."""
+    cfg = preset(preset_name)
     labeled, unlabeled = fold_shards(synthetic_fold(cfg, data_dir), data_dir)
     start_or_join(num_cpus=psutil.cpu_count())
     rows, records = [], []
