@@ -279,8 +279,12 @@ class TrainConfig:
     # make); 0: every row from the actors
     stream_head_rows: int = 128
     # the most Ray Data actors each stream's pool grows to (it starts with one, and Ray Data
-    # adds actors while their queue is long); one makes hundreds of rows/s at the CPU sizes
-    data_actors: int = 2
+    # adds actors while their queue is long). One makes hundreds of rows/s at the CPU
+    # presets' 128 px (which keep one) but 15-17 unlabeled rows/s (weak + strong view) and
+    # 43-47 labeled at the paper's 400-1200 px (`benchmark.py stream --preset paper`, one
+    # AMD EPYC core): a GPU at 80 images/s takes 64 unlabeled rows/s, four actors' worth,
+    # so six leave room for slower cores and JPEG decoding
+    data_actors: int = 6
     # a step whose loss or gradient is NaN or infinite is skipped (no update) and counted in
     # ``nonfinite_steps``; this many in a row stop the run with the reason
     max_nonfinite_in_a_row: int = 3
