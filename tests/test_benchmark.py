@@ -85,7 +85,7 @@ def test_the_stream_benchmark_augments_at_the_presets_sizes_with_one_then_two_ac
     monkeypatch.setattr(platform_cost, "RayRowStream", Pool)
     monkeypatch.setattr(platform_cost, "start_or_join", lambda **options: None)
     monkeypatch.setattr(platform_cost.ray, "shutdown", lambda: None)
-    header, rows, records = platform_cost.stream(tmp_path, 8, "smoke")
+    _, _, records = platform_cost.stream(tmp_path, 8, "smoke")
 
     assert [(stream, actors) for stream, _, actors in made] == [
         ("labeled", (1, 1)), ("labeled", (2, 2)), ("unlabeled", (1, 1)), ("unlabeled", (2, 2))

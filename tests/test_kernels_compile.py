@@ -1,8 +1,9 @@
 """The fused Triton kernels compiled for an H100 (sm_90) with no GPU.
 
-Each launch the two call sites make on CUDA (float32, bfloat16 and float16 logits, both
-norms) is captured from a call on CPU tensors with the launch itself held back, and
-compiled as Triton would compile it there: to PTX and, with the ptxas Triton ships, to a
+Each launch the two fused functions make (the weighted cross-entropy forward and backward
+at float32, bfloat16 and float16 logits, and the jitter variance; both norms of each) is
+captured from a call on CPU tensors with the launch itself held back, and compiled as
+Triton would compile it on CUDA: to PTX and, with the ptxas Triton ships, to a
 cubin. A kernel that does not compile, or uses what this Triton lacks, fails in CI rather
 than in a GPU check's few minutes.
 """
