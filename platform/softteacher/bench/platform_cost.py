@@ -36,7 +36,7 @@ def ray_train_loop(workers: int) -> str:
     return f"Ray Train, {workers} worker{'s' if workers > 1 else ''}, Ray Data"
 
 
-def stream(data_dir: Path, rows_per_stream: int, preset_name: str = "cpu") -> BenchTable:
+def stream(data_dir: Path, rows_per_stream: int, preset_name: str) -> BenchTable:
     """Rows/s the Ray Data actors make for each stream at a preset's image sizes and
     augmentation, first-row latency apart."""
     cfg = preset(preset_name)
