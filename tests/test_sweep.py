@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
+from softteacher.data.synthetic import generate_synthetic_coco
 from softteacher.presets import preset
 from softteacher.run.spec import WorkerResources
 from softteacher.track.mlflow_runs import PARENT_TAG as PARENT
@@ -161,11 +163,6 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
     assert again.count("[done]  10% fold 1 soft_teacher") == 1
     # the progress counts the whole sweep, the trial that ended before the kill included
     assert "[sweep] 2/2 trials ended" in again
-    # the killed driver's cluster went with it: its raylet and GCS at once; Ray's dashboard
-    # and runtime-env agents see their raylet die at once too, but first try to report it
-    # to the dead GCS, for its 60 s reconnect timeout (61-141 s measured), so they are
-    # checked after the rerun
-    assert _still_running(started) == []
 
     results = tmp_path / "results"
     client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
@@ -259,6 +256,12 @@ def test_sweep_command_killed_mid_trial_resumes_on_the_same_command(
         assert child.data.metrics["final/teacher/AP"] == finals[method]
         assert child.data.params["train.max_steps"] == str(preset("smoke").train.max_steps)
 
+    # the killed driver's cluster went with it: its raylet and GCS at once; Ray's dashboard
+    # and runtime-env agents see their raylet die at once too, but first try to report it
+    # to the dead GCS, for its 60 s reconnect timeout (61-141 s measured), so they are
+    # checked last
+    assert _still_running(started) == []
+
 
 @pytest.mark.slow
 def test_ctrl_c_ends_the_sweep_and_its_runs_killed_with_one_message(tmp_path):
@@ -335,6 +338,73 @@ def test_a_failed_trial_fails_the_sweep_and_its_mlflow_runs(ray_cluster, tmp_pat
     assert "no-such-checkpoint" in error
     with next((tmp_path / "results").glob("*_table.csv")).open() as handle:
         assert list(csv.DictReader(handle)) == []  # a failed trial is never averaged in
+
+
+# COCO 2017's category ids: 80 of 1-90, with gaps
+COCO_CATEGORY_IDS = (
+    *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
+    *range(72, 83), *range(84, 91),
+)
+
+
+def _coco_2017_root(tmp_path: Path) -> Path:
+    """The smoke preset's synthetic set laid out as COCO 2017 is: ``train2017/``,
+    ``val2017/`` and ``annotations/``, zero-padded file names, COCO's 80 categories with
+    their gaps (the four shapes under ids 3, 17, 62 and 90, so no label equals its id),
+    polygons and one crowd box."""
+    source = generate_synthetic_coco(tmp_path / "synthetic", preset("smoke").synthetic)
+    shape_ids = dict(zip((1, 2, 3, 4), (3, 17, 62, 90), strict=True))
+    assert len(COCO_CATEGORY_IDS) == 80 and set(shape_ids.values()) <= set(COCO_CATEGORY_IDS)
+    root = tmp_path / "coco"
+    for split, folder in (("train", "train2017"), ("val", "val2017")):
+        content = json.loads(source.ann_file(split).read_text())
+        (root / folder).mkdir(parents=True)
+        for image in content["images"]:
+            name = f"{image['id']:012d}.jpg"
+            shutil.copy(source.image_dir(split) / image["file_name"], root / folder / name)
+            image["file_name"] = name
+        content["categories"] = [
+            {"id": i, "name": f"category {i}", "supercategory": "thing"} for i in COCO_CATEGORY_IDS
+        ]
+        for annotation in content["annotations"]:
+            annotation["category_id"] = shape_ids[annotation["category_id"]]
+            x, y, w, h = annotation["bbox"]
+            annotation["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        crowd = content["annotations"][0] | {"id": 10**6, "iscrowd": 1}
+        content["annotations"].append(crowd)
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{folder}.json").write_text(json.dumps(content))
+    return root
+
+
+def test_a_coco_root_trains_and_scores_a_soft_teacher_trial(
+    ray_cluster, tmp_path, monkeypatch, capsys
+):
+    """The user's path to real COCO: ``--coco-root`` with a CPU preset. The detector takes
+    the dataset's 80 classes, the folds are made from the root's train file, and a Soft
+    Teacher trial trains on its labeled and unlabeled images and is scored on val2017."""
+    import fold_sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = _coco_2017_root(tmp_path)
+    results, data = tmp_path / "results", tmp_path / "data"
+    fold_sweep.main(
+        ["--preset", "smoke", "--ratios", "10", "--folds", "1", "--method", "soft_teacher_jitter"]
+        + ["--coco-root", str(root), "--results-dir", str(results), "--data-dir", str(data)]
+        + ["--max-steps", "6"]  # 4 of burn-in, 2 with the unlabeled images
+    )
+    printed = capsys.readouterr().out
+    assert "has 80 categories and the smoke preset's detector 4: adding --set " in printed
+    assert "fold 1@10%: 6 labeled, 54 unlabeled images" in printed
+    assert "[done]  10% fold 1 soft_teacher_jitter" in printed, printed[-3000:]
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fold_sweep").experiment_id])
+    child = next(r for r in runs if PARENT in r.data.tags)
+    assert child.info.status == "FINISHED" and child.data.params["detector.num_classes"] == "80"
+    assert "final/teacher/AP" in child.data.metrics
+    assert client.get_metric_history(child.info.run_id, "pseudo/cls_per_image")
+    with next(results.glob("*_table.csv")).open() as handle:
+        assert [row["method"] for row in csv.DictReader(handle)] == ["soft_teacher_jitter"]
 
 
 def test_the_command_exits_non_zero_when_a_trial_failed(monkeypatch, tmp_path):
