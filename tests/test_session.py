@@ -13,9 +13,11 @@ import pytest
 import ray.train
 import torch
 
+from softteacher.data.coco import ClassCountError
 from softteacher.preflight import checkpoint_bytes
 from softteacher.presets import preset
 from softteacher.run import fit, worker
+from softteacher.run.local import run_single_process
 from softteacher.run.session import InProcessSession, RayTrainSession, checkpoints
 from softteacher.run.spec import RunSpec, WorkerResources
 from softteacher.run.worker import RunInputError, fatal_error_file
@@ -157,6 +159,30 @@ def test_a_restarted_worker_stops_on_the_input_error_its_predecessor_left(
     with pytest.raises(RunInputError, match="^FileNotFoundError: train.init_from: no checkpoint"):
         worker.train_recording_input_errors(spec, session)
     assert trained == []
+
+
+def test_a_detector_too_small_for_the_dataset_stops_before_training(tmp_path, smoke_fold):
+    """A run built without the sweep commands' checks (the library called directly), whose
+    detector has fewer classes than the fold has categories: one line naming the file and
+    the setting, before any stream starts, recorded so that no restart trains into it (before:
+    torch's `IndexError: Target 3 is out of bounds` at the first loss, and the restarts)."""
+    spec = _spec(tmp_path, smoke_fold, max_failures=2)
+    cfg = spec.config
+    small = dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, num_classes=2))
+    spec = dataclasses.replace(spec, config=small)
+    session = InProcessSession(tmp_path / "run", "exp", keep=2)
+    with pytest.raises(ClassCountError) as raised:
+        worker.train_recording_input_errors(spec, session)
+    assert str(raised.value) == (
+        f"{smoke_fold.fold.val_ann}: 4 categories, and the detector has 2 classes; set "
+        "detector.num_classes=4 (--set detector.num_classes=4)"
+    )
+    assert fatal_error_file(spec).read_text().startswith("ClassCountError: ")
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing saved
+    # the single-process runner (no Ray) says the same
+    with pytest.raises(ClassCountError, match="the detector has 2 classes; set detector"):
+        run_single_process(small, smoke_fold.fold, shard_dir=tmp_path / "shards")
+    assert not (tmp_path / "shards").exists()
 
 
 @pytest.fixture

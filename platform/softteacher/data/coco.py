@@ -205,6 +205,23 @@ def check_same_categories(
     )
 
 
+class ClassCountError(ValueError):
+    """A detector with fewer classes than its dataset has categories."""
+
+
+def check_detector_classes(dataset: CocoDataset | CocoSummary, num_classes: int) -> None:
+    """Fail before training when a detector of ``num_classes`` cannot hold ``dataset``'s
+    labels (1..K, one a category): torch would stop at the first loss with ``IndexError:
+    Target K is out of bounds``, naming neither the file nor the setting. (More classes than
+    categories trains; the sweep commands set the count from a ``--coco-root`` themselves.)"""
+    if dataset.num_classes > num_classes:
+        raise ClassCountError(
+            f"{dataset.ann_file}: {dataset.num_classes} categories, and the detector has "
+            f"{num_classes} classes; set detector.num_classes={dataset.num_classes} (--set "
+            f"detector.num_classes={dataset.num_classes})"
+        )
+
+
 def _validated_categories(ann_file: Path, raw: list) -> list[dict]:
     seen: set[int] = set()
     for index, cat in enumerate(raw):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from softteacher.config import ExperimentConfig
+from softteacher.data.coco import check_detector_classes
 from softteacher.data.protocol import FoldData
 from softteacher.data.rows import StreamPlan
 from softteacher.data.shards import ShardSet, write_shards
@@ -64,6 +65,7 @@ def run_single_process(
         torch.set_num_threads(cfg.train.num_threads)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     labeled, unlabeled, val = fold.load()
+    check_detector_classes(val, cfg.detector.num_classes)
     trainer = SoftTeacherTrainer(cfg, device)
     start = restore_start(trainer, checkpoint_dir)
     batches = local_step_batches(

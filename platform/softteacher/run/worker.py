@@ -16,7 +16,7 @@ import ray.train.torch
 import torch
 
 from softteacher.config import ExperimentConfig
-from softteacher.data.coco import CocoDataset, load_coco
+from softteacher.data.coco import CocoDataset, check_detector_classes, coco_summary, load_coco
 from softteacher.data.ray_stream import RayRowStream
 from softteacher.data.rows import StreamPlan
 from softteacher.data.steps import StepBatches, start_positions
@@ -104,6 +104,9 @@ def _train(spec: RunSpec, session: RunSession) -> None:
     """Resume from the session's latest checkpoint, stream this worker's rows of the
     labeled and unlabeled data, train, evaluate on rank 0, report."""
     cfg = spec.config
+    # on every worker, before its streams start (torch would stop at the first loss, naming
+    # neither the file nor the setting)
+    check_detector_classes(coco_summary(spec.fold.val_ann), cfg.detector.num_classes)
     torch.set_num_threads(spec.resources.threads_per_worker)
     rank, world_size, device = session.rank, session.world_size, session.device
     is_rank_zero = rank == 0
